@@ -1,0 +1,23 @@
+"""Models: the Hiera backbone (and, built on it, the detector parts and the MAE model)."""
+
+from .hiera import (
+    HIERA_SIZES,
+    Hiera,
+    HieraBlock,
+    MaskUnitAttention,
+    build_hiera,
+    reroll,
+    resize_pos_embed,
+    unroll,
+)
+
+__all__ = [
+    "HIERA_SIZES",
+    "Hiera",
+    "HieraBlock",
+    "MaskUnitAttention",
+    "build_hiera",
+    "reroll",
+    "resize_pos_embed",
+    "unroll",
+]

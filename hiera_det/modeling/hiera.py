@@ -1,0 +1,501 @@
+"""Hiera (Ryali et al. 2023) as a Detectron2 backbone.
+
+Hiera is a plain pre-norm ViT whose first block of stages 2-4 doubles the width and 2x2 max-pools
+the queries and the skip connection. Stages 1-2 attend only inside *mask units* (32x32 px squares);
+stages 3-4 attend globally. With default arguments this module computes exactly what the official
+`hiera-transformer` model computes (same parameter names, same numbers), but it
+
+* works for any input whose height and width are multiples of 32 (the token order is derived from
+  the input at run time, not fixed at construction);
+* returns Detectron2 NCHW feature maps `res2..res5` (strides 4/8/16/32) and owns no parameter that
+  forward does not use (no `norm`/`head`), so it is safe under DDP;
+* offers what detection at 1024 px needs, all off by default: windowed attention for later stages
+  with chosen global blocks (ViTDet/SAM2 style), per-stage output LayerNorms, an "abs_win" position
+  embedding, activation checkpointing, and `scaled_dot_product_attention`.
+
+Token layout. Tokens are kept as ``[B, U, T, C]``: ``U`` mask units in row-major order over the
+unit grid, ``T`` tokens per unit in *unrolled* order. Unrolling (the official trick) orders the
+tokens of a unit so that the offsets of the first 2x2 pooling come first, then those of the second,
+and so on. A 2x2 max-pool is then a max over a leading axis (`pool_units`), mask unit attention is
+attention over ``T`` and global attention is attention over ``U*T``, all without copies. Sparse MAE
+pretraining simply keeps a subset of units. `unroll` / `reroll` convert from / to spatial order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from detectron2.modeling import Backbone
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+__all__ = [
+    "HIERA_SIZES",
+    "Hiera",
+    "HieraBlock",
+    "MaskUnitAttention",
+    "build_hiera",
+    "reroll",
+    "resize_pos_embed",
+    "unroll",
+]
+
+# The six image models of the paper (Table 2); every other argument takes its default.
+HIERA_SIZES: dict[str, dict] = {
+    "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
+    "small": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
+    "base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
+    "base_plus": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3)),
+    "large": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4)),
+    "huge": dict(embed_dim=256, num_heads=4, stages=(2, 6, 36, 4)),
+}
+
+
+def build_hiera(size: str, **kwargs) -> Hiera:
+    """Build a Hiera of a named size (a key of `HIERA_SIZES`); `kwargs` override anything."""
+    if size not in HIERA_SIZES:
+        raise KeyError(f"unknown Hiera size {size!r}; choose one of {sorted(HIERA_SIZES)}")
+    return Hiera(**{**HIERA_SIZES[size], **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------
+# Token layout helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def unroll(x: Tensor, levels: int, stride: tuple[int, int]) -> Tensor:
+    """Spatial ``[B, H, W, C]`` -> unit layout ``[B, U, T, C]``.
+
+    A mask unit is ``stride**levels`` tokens a side. Inside a unit, the local row is
+    ``y = sum_l sy_l * Sy**(l-1)`` (level 1 = the first pooling, least significant); we order the
+    unit's tokens as ``(sy_1, sx_1, sy_2, sx_2, ..., sy_L, sx_L)`` so that level 1 is outermost.
+    """
+    B, H, W, C = x.shape
+    sy, sx = stride
+    my, mx = sy**levels, sx**levels
+    uh, uw = H // my, W // mx
+    # [B, uh, sy_L..sy_1, uw, sx_L..sx_1, C]
+    x = x.view(B, uh, *([sy] * levels), uw, *([sx] * levels), C)
+    L = levels
+    perm = [0, 1, L + 2]
+    for lvl in range(1, L + 1):
+        perm += [2 + L - lvl, L + 3 + L - lvl]
+    perm.append(2 * L + 3)
+    return x.permute(perm).reshape(B, uh * uw, my * mx, C)
+
+
+def reroll(x: Tensor, grid: tuple[int, int], levels: int, stride: tuple[int, int]) -> Tensor:
+    """Unit layout ``[B, U, T, C]`` with ``levels`` unconsumed unroll levels -> ``[B, H, W, C]``."""
+    B, U, T, C = x.shape
+    uh, uw = grid
+    sy, sx = stride
+    k = levels
+    # [B, uh, uw, (sy, sx) per remaining level, outermost level first, C]
+    x = x.view(B, uh, uw, *([sy, sx] * k), C)
+    perm = [0, 1, *[3 + 2 * j for j in reversed(range(k))], 2]
+    perm += [4 + 2 * j for j in reversed(range(k))] + [3 + 2 * k]
+    return x.permute(perm).reshape(B, uh * sy**k, uw * sx**k, C)
+
+
+def pool_units(x: Tensor, stride: int) -> Tensor:
+    """Max-pool every unit by the flattened stride: ``[B, U, T, C]`` -> ``[B, U, T/stride, C]``."""
+    if stride == 1:
+        return x
+    B, U, T, C = x.shape
+    return x.view(B, U, stride, T // stride, C).amax(dim=2)
+
+
+def resize_pos_embed(table: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a position table to a new grid (bicubic), keeping its layout.
+
+    Accepts the official layout ``[1, h*w, C]`` (square grid) and timm's ``[1, C, h, w]``.
+    """
+    if table.dim() == 3:
+        n, c = table.shape[1], table.shape[2]
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"position table with {n} entries is not a square grid")
+        if (side, side) == tuple(size):
+            return table
+        grid = table.reshape(1, side, side, c).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=size, mode="bicubic", align_corners=False)
+        return grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, size[0] * size[1], c)
+    if tuple(table.shape[-2:]) == tuple(size):
+        return table
+    out = F.interpolate(table.float(), size=size, mode="bicubic", align_corners=False)
+    return out.to(table.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MaskUnitAttention(nn.Module):
+    """Multi-head attention over groups of mask units, with optional query pooling.
+
+    Args:
+        dim, dim_out: input and output widths.
+        heads: number of heads.
+        q_stride: flattened query pooling stride (4 for 2x2), 1 for none.
+        window: which tokens attend to each other, counted in mask units: 1 = each mask unit alone
+            (mask unit attention), k > 1 = k x k units (windowed, zero-padded at the border),
+            0 = all tokens of the image (global).
+        use_sdpa: compute attention with `F.scaled_dot_product_attention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        heads: int,
+        q_stride: int = 1,
+        window: int = 0,
+        use_sdpa: bool = False,
+    ):
+        super().__init__()
+        if dim_out % heads:
+            raise ValueError(f"width {dim_out} is not divisible by {heads} heads")
+        self.heads, self.head_dim, self.dim_out = heads, dim_out // heads, dim_out
+        self.q_stride, self.window, self.use_sdpa = q_stride, window, use_sdpa
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim_out)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: Tensor, grid: tuple[int, int] | None) -> Tensor:
+        """``[B, U, T, C]`` -> ``[B, U, T / q_stride, dim_out]``; `grid` is the unit grid."""
+        B, U, T, C = x.shape
+        if self.window == 1:  # each unit is a sequence: [B*U, T, C]
+            seqs, units = x.reshape(B * U, T, C), 1
+        elif self.window == 0:  # the whole image is a sequence: [B, U*T, C]
+            seqs, units = x.reshape(B, U * T, C), U
+        else:
+            seqs, units, pad = self._partition(x, grid)
+
+        n, length, _ = seqs.shape
+        qkv = self.qkv(seqs).reshape(n, length, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, heads, length, head_dim]
+        if self.q_stride > 1:  # tokens of a sequence are (unit, T): pool within each unit
+            q = q.reshape(n, self.heads, units, self.q_stride, -1, self.head_dim).amax(dim=3)
+            q = q.reshape(n, self.heads, -1, self.head_dim)
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = attn @ v
+        out = self.proj(out.transpose(1, 2).reshape(n, -1, self.dim_out))
+
+        T_out = T // self.q_stride
+        if self.window in (0, 1):
+            return out.reshape(B, U, T_out, self.dim_out)
+        return self._unpartition(out, B, grid, pad, T_out)
+
+    def _partition(self, x: Tensor, grid: tuple[int, int] | None):
+        if grid is None:
+            raise ValueError("windowed attention needs the full unit grid (not sparse inputs)")
+        B, U, T, C = x.shape
+        w = self.window
+        uh, uw = grid
+        ph, pw = (w - uh % w) % w, (w - uw % w) % w
+        x = x.view(B, uh, uw, T, C)
+        if ph or pw:  # zero-pad the unit grid to whole windows, as ViTDet/SAM2 do
+            x = F.pad(x, (0, 0, 0, 0, 0, pw, 0, ph))
+        nh, nw = (uh + ph) // w, (uw + pw) // w
+        # [B, nh, w, nw, w, T, C] -> [B*nh*nw, w*w*T, C]
+        x = x.view(B, nh, w, nw, w, T, C).permute(0, 1, 3, 2, 4, 5, 6)
+        return x.reshape(B * nh * nw, w * w * T, C), w * w, (ph, pw)
+
+    def _unpartition(self, out: Tensor, B: int, grid, pad, T: int) -> Tensor:
+        w = self.window
+        uh, uw = grid
+        nh, nw = (uh + pad[0]) // w, (uw + pad[1]) // w
+        out = out.view(B, nh, nw, w, w, T, self.dim_out).permute(0, 1, 3, 2, 4, 5, 6)
+        out = out.reshape(B, nh * w, nw * w, T, self.dim_out)[:, :uh, :uw]
+        return out.reshape(B, uh * uw, T, self.dim_out)
+
+
+class HieraBlock(nn.Module):
+    """Pre-norm transformer block; a stage's first block also widens and pools (Q and skip)."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        q_stride: int = 1,
+        window: int = 0,
+        use_sdpa: bool = False,
+    ):
+        super().__init__()
+        self.dim, self.dim_out, self.q_stride = dim, dim_out, q_stride
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = MaskUnitAttention(dim, dim_out, heads, q_stride, window, use_sdpa)
+        self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if dim != dim_out:
+            self.proj = nn.Linear(dim, dim_out)  # skip projection, from the *normed* input
+
+    def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        x_norm = self.norm1(x)
+        if self.dim != self.dim_out:
+            x = self.proj(x_norm)
+        x = pool_units(x, self.q_stride)
+        x = x + self.drop_path(self.attn(x_norm, grid))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Hiera(Backbone):
+    """Hiera image encoder as a Detectron2 backbone.
+
+    Args:
+        embed_dim, num_heads: width and heads of stage 1 (both multiplied at each stage).
+        stages: blocks per stage.
+        q_pool: number of stage transitions that pool (3 for detection; 2 for MAE pretraining).
+        q_stride: pooling stride per spatial dim.
+        mask_unit_size: mask unit side in tokens; must equal ``q_stride ** (len(stages) - 1)``.
+        mask_unit_attn: per stage, mask unit attention (True) or global attention (False).
+        dim_mul, head_mul: width and head multipliers at each stage transition.
+        patch_kernel, patch_stride, patch_padding: the patch-embedding convolution.
+        mlp_ratio: MLP hidden width / width.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        in_chans: input channels.
+        pretrain_img_size: image size the stored position table is for (224: a 56x56 table).
+        out_features: which of "res2".."res5" forward returns; later stages are not built.
+        stage_windows: per stage, the attention window counted in mask units (1 = mask unit
+            attention, k = k x k units, 0 = global); overrides `mask_unit_attn` when given.
+            As in the official model, a stage's first block uses the previous stage's window.
+        global_blocks: block indices that attend globally whatever their stage says.
+        pos_embed_type: "abs" (one table, resized to the input at run time) or "abs_win" (a small
+            global table interpolated plus a mask-unit table tiled; timm's layout).
+        pos_embed_global_size: grid of the global table for "abs_win".
+        out_norm: add a LayerNorm on each returned stage.
+        use_act_checkpoint: recompute each block in backward (saves memory in training).
+        use_sdpa: use `F.scaled_dot_product_attention`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        num_heads: int = 1,
+        stages: Sequence[int] = (2, 3, 16, 3),
+        q_pool: int = 3,
+        q_stride: Sequence[int] = (2, 2),
+        mask_unit_size: Sequence[int] = (8, 8),
+        mask_unit_attn: Sequence[bool] = (True, True, False, False),
+        dim_mul: float = 2.0,
+        head_mul: float = 2.0,
+        patch_kernel: Sequence[int] = (7, 7),
+        patch_stride: Sequence[int] = (4, 4),
+        patch_padding: Sequence[int] = (3, 3),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        in_chans: int = 3,
+        pretrain_img_size: int = 224,
+        out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        stage_windows: Sequence[int] | None = None,
+        global_blocks: Sequence[int] = (),
+        pos_embed_type: str = "abs",
+        pos_embed_global_size: Sequence[int] = (14, 14),
+        out_norm: bool = False,
+        use_act_checkpoint: bool = False,
+        use_sdpa: bool = False,
+    ):
+        super().__init__()
+        stages, q_stride = tuple(stages), tuple(q_stride)
+        num_stages = len(stages)
+        self.levels = num_stages - 1  # unroll levels: one per possible stage transition
+        if not 0 <= q_pool <= self.levels:
+            raise ValueError(f"q_pool={q_pool} must be in [0, {self.levels}]")
+        if tuple(mask_unit_size) != tuple(s**self.levels for s in q_stride):
+            raise ValueError(
+                f"mask_unit_size={tuple(mask_unit_size)} must be q_stride**{self.levels} = "
+                f"{tuple(s**self.levels for s in q_stride)}"
+            )
+        if len(set(patch_stride)) != 1 or len(set(q_stride)) != 1:
+            raise ValueError("patch_stride and q_stride must be square for detection outputs")
+        if stage_windows is None:
+            stage_windows = tuple(1 if m else 0 for m in mask_unit_attn)
+        if len(stage_windows) != num_stages:
+            raise ValueError(f"stage_windows={stage_windows} needs one entry per stage")
+        valid = [f"res{i + 2}" for i in range(num_stages)]
+        if not out_features or any(f not in valid for f in out_features):
+            raise ValueError(f"out_features={tuple(out_features)} must be a subset of {valid}")
+        if pos_embed_type not in ("abs", "abs_win"):
+            raise ValueError(f"pos_embed_type={pos_embed_type!r} must be 'abs' or 'abs_win'")
+
+        self.q_stride = q_stride
+        self.mask_unit_size = tuple(mask_unit_size)
+        self.unit_px = patch_stride[0] * mask_unit_size[0]  # 32: the input must tile into units
+        self.pos_embed_type = pos_embed_type
+        self.use_act_checkpoint = use_act_checkpoint
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(
+            in_chans, embed_dim, patch_kernel, patch_stride, patch_padding
+        )
+        if pos_embed_type == "abs":  # official layout [1, h*w, C]
+            n = (pretrain_img_size // patch_stride[0]) * (pretrain_img_size // patch_stride[1])
+            self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
+        else:  # timm's abs_win layout [1, C, h, w]
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *pos_embed_global_size))
+            self.pos_embed_win = nn.Parameter(torch.zeros(1, embed_dim, *mask_unit_size))
+
+        # Shape bookkeeping, derived once from `stages`.
+        stage_ends = [sum(stages[: i + 1]) - 1 for i in range(num_stages)]
+        pool_blocks = {end + 1 for end in stage_ends[:q_pool]}
+        last_stage = max(valid.index(f) for f in out_features)
+        depth = sum(stages)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        flat_q = math.prod(q_stride)
+
+        self._out_features = list(out_features)
+        self._out_feature_channels, self._out_feature_strides = {}, {}
+        self._taps: dict[int, tuple[str, int]] = {}  # block index -> (name, unroll levels left)
+        self.blocks = nn.ModuleList()
+        dim, heads, stage, stride, pools = embed_dim, num_heads, 0, patch_stride[0], 0
+        for i in range(stage_ends[last_stage] + 1):
+            window = stage_windows[stage]  # a transition block keeps the previous stage's kind
+            dim_out, q = dim, 1
+            if i - 1 in stage_ends:
+                dim_out, heads, stage = int(dim * dim_mul), int(heads * head_mul), stage + 1
+                if i in pool_blocks:
+                    q, stride, pools = flat_q, stride * q_stride[0], pools + 1
+            if i in global_blocks:
+                window = 0
+            self.blocks.append(
+                HieraBlock(dim, dim_out, heads, mlp_ratio, dpr[i], q, window, use_sdpa)
+            )
+            dim = dim_out
+            name = f"res{stage + 2}"
+            if i == stage_ends[stage] and name in self._out_features:
+                self._taps[i] = (name, self.levels - pools)
+                self._out_feature_channels[name] = dim
+                self._out_feature_strides[name] = stride
+        self.out_norms = (
+            nn.ModuleDict(
+                {f: nn.LayerNorm(self._out_feature_channels[f], eps=1e-6) for f in out_features}
+            )
+            if out_norm
+            else None
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed_type == "abs_win":
+            nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
+        for m in self.modules():  # the official initialisation (biases 0.02)
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.constant_(m.bias, 0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.constant_(m.weight, 1.0)
+                nn.init.constant_(m.bias, 0.02)
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.unit_px
+
+    @property
+    def padding_constraints(self) -> dict[str, int]:
+        return {"size_divisibility": self.unit_px, "square_size": 0}
+
+    def get_pos_embed(self, size: tuple[int, int]) -> Tensor:
+        """The position embedding for a token grid of `size`, as ``[1, h, w, C]``."""
+        h, w = size
+        if self.pos_embed_type == "abs":
+            return resize_pos_embed(self.pos_embed, (h, w)).view(1, h, w, -1)
+        my, mx = self.mask_unit_size
+        win = self.pos_embed_win.tile(1, 1, h // my, w // mx)
+        return (resize_pos_embed(self.pos_embed, (h, w)) + win).permute(0, 2, 3, 1)
+
+    def forward_units(self, images: Tensor, visible: Tensor | None = None) -> dict[str, Tensor]:
+        """Run the encoder and return the stages of `out_features` in unit layout.
+
+        Args:
+            images: ``[B, C, H, W]`` with H and W multiples of 32.
+            visible: optional ``[B, H/32 * W/32]`` bool, True for mask units to keep (sparse MAE);
+                every image must keep the same number of units.
+        Returns:
+            ``{name: [B, U, T_s, C_s]}`` with U the kept units, T_s tokens per unit in unrolled
+            order (`reroll` with ``self.unroll_levels_left(name)`` restores spatial order).
+        """
+        x, grid = self._stem(images, visible)
+        outputs = {}
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(blk, x, grid)
+            if i in self._taps:
+                outputs[self._taps[i][0]] = x
+        return outputs
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """``[B, C, H, W]`` -> ``{"res2": [B, C1, H/4, W/4], ..., "res5": [B, C4, H/32, W/32]}``."""
+        x, grid = self._stem(images)
+        outputs = {}
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(blk, x, grid)
+            if i in self._taps:
+                name, levels = self._taps[i]
+                y = reroll(x, grid, levels, self.q_stride)  # [B, H_s, W_s, C_s]
+                if self.out_norms is not None:
+                    y = self.out_norms[name](y)
+                outputs[name] = y.permute(0, 3, 1, 2).contiguous()
+        return outputs
+
+    def unroll_levels_left(self, name: str) -> int:
+        """Unroll levels not yet consumed by pooling at the output `name` (for `reroll`)."""
+        return next(levels for n, levels in self._taps.values() if n == name)
+
+    def _stem(self, images: Tensor, visible: Tensor | None = None):
+        """Patch embedding + position embedding + unroll: ``[B, U, T, C]`` and the unit grid."""
+        grid = self._unit_grid(images)
+        if visible is not None:
+            # Zero the masked pixels first so the 7x7 patch conv cannot see across into them.
+            pixel_mask = F.interpolate(
+                visible.view(-1, 1, *grid).to(images.dtype), size=images.shape[-2:]
+            )
+            images = images * pixel_mask
+        x = self.patch_embed.proj(images).permute(0, 2, 3, 1)  # [B, h, w, C]
+        x = x + self.get_pos_embed(x.shape[1:3])
+        x = unroll(x, self.levels, self.q_stride)  # [B, U, T, C]
+        if visible is not None:
+            B, _, T, C = x.shape
+            x = x[visible].view(B, -1, T, C)
+            grid = None  # kept units no longer form a grid: windowed attention is unavailable
+        return x, grid
+
+    def _run_block(self, blk: HieraBlock, x: Tensor, grid: tuple[int, int] | None) -> Tensor:
+        if self.use_act_checkpoint and self.training:
+            return torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
+        return blk(x, grid)
+
+    def _unit_grid(self, images: Tensor) -> tuple[int, int]:
+        if images.dim() != 4:
+            raise ValueError(f"Hiera expects [B, C, H, W] images, got shape {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        if H % self.unit_px or W % self.unit_px:
+            raise ValueError(
+                f"Hiera needs input height and width divisible by {self.unit_px} (its mask unit "
+                f"in pixels), got {H}x{W}; pad the input, e.g. with ImageList.from_tensors("
+                f"..., size_divisibility={self.unit_px})"
+            )
+        return H // self.unit_px, W // self.unit_px
