@@ -109,10 +109,12 @@ def pool_units(x: Tensor, stride: int) -> Tensor:
     return x.view(B, U, stride, T // stride, C).amax(dim=2)
 
 
-def resize_pos_embed(table: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_pos_embed(table: Tensor, size: tuple[int, int], antialias: bool = False) -> Tensor:
     """Resize a position table to a new grid (bicubic), keeping its layout.
 
-    Accepts the official layout ``[1, h*w, C]`` (square grid) and timm's ``[1, C, h, w]``.
+    Accepts the official layout ``[1, h*w, C]`` (square grid; resized as ViTDet does) and timm's
+    ``[1, C, h, w]`` ("abs_win"; timm resizes it with ``antialias=True``, which changes the bicubic
+    kernel even when upsampling).
     """
     if table.dim() == 3:
         n, c = table.shape[1], table.shape[2]
@@ -126,7 +128,9 @@ def resize_pos_embed(table: Tensor, size: tuple[int, int]) -> Tensor:
         return grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, size[0] * size[1], c)
     if tuple(table.shape[-2:]) == tuple(size):
         return table
-    out = F.interpolate(table.float(), size=size, mode="bicubic", align_corners=False)
+    out = F.interpolate(
+        table.float(), size=size, mode="bicubic", align_corners=False, antialias=antialias
+    )
     return out.to(table.dtype)
 
 
@@ -426,7 +430,8 @@ class Hiera(Backbone):
             return resize_pos_embed(self.pos_embed, (h, w)).view(1, h, w, -1)
         my, mx = self.mask_unit_size
         win = self.pos_embed_win.tile(1, 1, h // my, w // mx)
-        return (resize_pos_embed(self.pos_embed, (h, w)) + win).permute(0, 2, 3, 1)
+        glob = resize_pos_embed(self.pos_embed, (h, w), antialias=True)  # as timm
+        return (glob + win).permute(0, 2, 3, 1)
 
     def forward_units(self, images: Tensor, visible: Tensor | None = None) -> dict[str, Tensor]:
         """Run the encoder and return the stages of `out_features` in unit layout.

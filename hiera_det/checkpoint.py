@@ -1,0 +1,246 @@
+"""Loading Hiera weights: official, timm, our MAE output, our detector.
+
+`convert_hiera_checkpoint` is a pure function from a checkpoint's content to a backbone state dict;
+`load_hiera_checkpoint` loads it into a `Hiera` and reports what happened; `HieraCheckpointer` is
+Detectron2's `DetectionCheckpointer` that also understands those files, so `train.init_checkpoint`
+can name any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+from torch import Tensor, nn
+
+from .modeling.hiera import HIERA_SIZES, Hiera, resize_pos_embed
+
+__all__ = [
+    "CheckpointMismatchError",
+    "HieraCheckpointer",
+    "LoadReport",
+    "convert_hiera_checkpoint",
+    "load_hiera_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+# Every backbone tensor lives under one of these names; anything else (classifier head, final norm,
+# MAE decoder, mask token, fusion heads) is not part of the backbone.
+_BACKBONE_ROOTS = ("pos_embed", "pos_embed_win", "patch_embed", "blocks", "out_norms")
+_ANCHOR = "blocks.0.attn.qkv.weight"  # present in every Hiera, whatever wraps it
+_POS_TABLES = ("pos_embed", "pos_embed_win")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model (typically: another Hiera size)."""
+
+
+@dataclass
+class LoadReport:
+    """What loading a Hiera checkpoint did."""
+
+    source: str = "<state dict>"
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model tensors not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # backbone tensors the model lacks
+    resized: list[str] = field(default_factory=list)  # "key: old shape -> new shape"
+    dropped: list[str] = field(default_factory=list)  # non-backbone tensors (head, decoder, ...)
+
+    def __str__(self) -> str:
+        lines = [f"Hiera weights from {self.source}: {len(self.loaded)} tensors loaded"]
+        if self.resized:
+            lines.append(f"  resized ({len(self.resized)}): " + "; ".join(self.resized))
+        if self.missing:
+            lines.append(
+                f"  MISSING from the checkpoint, left at initialisation ({len(self.missing)}): "
+                + _summarize(self.missing)
+            )
+        if self.unexpected:
+            lines.append(
+                f"  not used by this model ({len(self.unexpected)}): " + _summarize(self.unexpected)
+            )
+        if self.dropped:
+            lines.append(
+                f"  ignored, not part of the backbone ({len(self.dropped)}): "
+                + _summarize(self.dropped)
+            )
+        return "\n".join(lines)
+
+
+def _summarize(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _unwrap(checkpoint: Mapping) -> Mapping:
+    """Find the state dict inside a checkpoint file's content."""
+    for key in ("model_state", "model", "state_dict"):
+        inner = checkpoint.get(key)
+        if isinstance(inner, Mapping):
+            return _unwrap(inner)
+    return checkpoint
+
+
+def split_hiera_checkpoint(checkpoint: Mapping) -> tuple[dict[str, Tensor], list[str]]:
+    """Like `convert_hiera_checkpoint`, but also return the keys that were dropped."""
+    state = _unwrap(checkpoint)
+    anchors = [k for k in state if k == _ANCHOR or k.endswith("." + _ANCHOR)]
+    if not anchors:
+        raise KeyError(
+            f"no Hiera weights found: the checkpoint has no '{_ANCHOR}' (or '<prefix>.{_ANCHOR}') "
+            f"among its {len(state)} keys (first few: {list(state)[:5]})"
+        )
+    prefix = min(anchors, key=len)[: -len(_ANCHOR)]  # e.g. "", "encoder.", "backbone.bottom_up."
+    kept, dropped = {}, []
+    for key, value in state.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else None
+        if name == "pos_embed_abs":  # older timm name
+            name = "pos_embed"
+        if name is not None and name.split(".")[0] in _BACKBONE_ROOTS:
+            kept[name] = value
+        else:
+            dropped.append(key)
+    return kept, dropped
+
+
+def convert_hiera_checkpoint(checkpoint: Mapping) -> dict[str, Tensor]:
+    """Return the backbone state dict inside any supported Hiera checkpoint's content.
+
+    Accepts the official files (``{"model_state": sd}`` or flat, fine-tuned or MAE), timm state
+    dicts, and Detectron2-style ``{"model": sd}`` files from our MAE trainer (``encoder.`` prefix)
+    or detector (``backbone.bottom_up.`` prefix). Head, final norm and decoder tensors are dropped;
+    position tables are kept at their stored size.
+    """
+    return split_hiera_checkpoint(checkpoint)[0]
+
+
+def _pos_table_to(table: Tensor, target: Tensor) -> Tensor:
+    """Bring a stored position table to the layout and grid of the model's table."""
+    if table.dim() == 3 and target.dim() == 4:  # official [1, N, C] -> timm [1, C, h, w]
+        side = int(table.shape[1] ** 0.5)
+        table = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    elif table.dim() == 4 and target.dim() == 3:
+        table = table.flatten(2).transpose(1, 2)
+    if target.dim() == 3:
+        side = int(target.shape[1] ** 0.5)
+        return resize_pos_embed(table, (side, side))
+    return resize_pos_embed(table, tuple(target.shape[-2:]), antialias=True)
+
+
+def _describe_architecture(state: Mapping[str, Tensor]) -> str:
+    """Guess the Hiera size a backbone state dict was made for, for error messages."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks or "patch_embed.proj.weight" not in state:
+        return "an unknown architecture"
+    depth = max(blocks) + 1
+    transitions = sorted(i for i in blocks if f"blocks.{i}.proj.weight" in state)
+    bounds = [0, *transitions, depth]
+    stages = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    embed_dim = state["patch_embed.proj.weight"].shape[0]
+    for name, spec in HIERA_SIZES.items():
+        if spec["embed_dim"] == embed_dim and tuple(spec["stages"]) == stages:
+            return f"Hiera-{name} (embed_dim={embed_dim}, stages={stages})"
+    return f"a Hiera with embed_dim={embed_dim}, stages={stages}"
+
+
+def adapt_hiera_state_dict(
+    model: Hiera, state: Mapping[str, Tensor], report: LoadReport
+) -> dict[str, Tensor]:
+    """Check shapes against `model`, resize position tables; fill `report`; raise on mismatch."""
+    own = model.state_dict()
+    out, mismatched = {}, []
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        target = own[key]
+        if value.shape != target.shape:
+            if key in _POS_TABLES:
+                value = _pos_table_to(value, target)
+                report.resized.append(f"{key}: {tuple(state[key].shape)} -> {tuple(value.shape)}")
+            if value.shape != target.shape:
+                mismatched.append(
+                    f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(target.shape)}"
+                )
+                continue
+        out[key] = value
+    if mismatched:
+        raise CheckpointMismatchError(
+            f"The checkpoint {report.source} does not fit this Hiera: {len(mismatched)} tensors "
+            f"have other shapes ({_summarize(mismatched, 8)}). The checkpoint looks like "
+            f"{_describe_architecture(state)}; the model is {_describe_architecture(own)}. "
+            "Use a config of the checkpoint's size or a checkpoint of the model's size."
+        )
+    report.loaded = sorted(out)
+    report.missing = sorted(k for k in own if k not in out)
+    return out
+
+
+def _read(path: str) -> Mapping:
+    local = PathManager.get_local_path(path)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with open(local, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport:
+    """Load a Hiera checkpoint (path, URL or content) into `model` and report what happened.
+
+    Raises:
+        CheckpointMismatchError: tensors whose shapes do not fit (e.g. another Hiera size).
+        FileNotFoundError, KeyError: no such file / no Hiera weights in it.
+    """
+    report = LoadReport(source=checkpoint if isinstance(checkpoint, str) else "<state dict>")
+    content = _read(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    state, report.dropped = split_hiera_checkpoint(content)
+    model.load_state_dict(adapt_hiera_state_dict(model, state, report), strict=False)
+    logger.info(str(report))
+    return report
+
+
+def _find_hiera(model: nn.Module) -> tuple[str, Hiera] | None:
+    for name, module in model.named_modules():
+        if isinstance(module, Hiera):
+            return name, module
+    return None
+
+
+class HieraCheckpointer(DetectionCheckpointer):
+    """`DetectionCheckpointer` that also loads Hiera-only checkpoints into the model's `Hiera`.
+
+    A file whose keys belong to the model (a detector checkpoint, a resumed run) loads exactly as in
+    Detectron2. Any other file holding Hiera weights (official, timm, our MAE output) is converted
+    with `convert_hiera_checkpoint`, its position tables are resized to the model's, and its keys
+    are placed under the `Hiera` submodule (e.g. ``backbone.bottom_up.``). A size mismatch raises
+    `CheckpointMismatchError`; what loaded and what did not is logged as one report.
+    """
+
+    def load(self, path: str, *args, **kwargs):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> dict:
+        loaded = super()._load_file(filename)
+        found = _find_hiera(self.model)
+        if found is None or loaded.get("matching_heuristics"):
+            return loaded
+        name, hiera = found
+        own = self.model.state_dict()
+        if name and any(k in own for k in loaded["model"]):
+            return loaded  # a checkpoint of this very model (resume, detector weights)
+        report = LoadReport(source=filename)
+        hiera_state, report.dropped = split_hiera_checkpoint(loaded)
+        adapted = adapt_hiera_state_dict(hiera, hiera_state, report)
+        prefix = f"{name}." if name else ""
+        self.logger.info(str(report).replace("Hiera weights", f"Hiera weights for '{prefix}'", 1))
+        # Only the model: iteration/optimizer of a pretraining run must not leak into this one.
+        return {"model": {prefix + k: v for k, v in adapted.items()}}

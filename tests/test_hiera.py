@@ -1,0 +1,197 @@
+"""Contract and numerics of the Hiera backbone (hiera_det.modeling.hiera)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.structures import ImageList
+
+from hiera_det.modeling import HIERA_SIZES, Hiera, build_hiera, reroll, unroll
+from hiera_det.modeling.hiera import pool_units
+
+TINY = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 1))
+
+
+def tiny(**kw) -> Hiera:
+    torch.manual_seed(0)
+    return Hiera(**{**TINY, **kw})
+
+
+# --- parity with the official implementation -------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_matches_official_hiera(size, use_sdpa):
+    hiera = pytest.importorskip("hiera")
+    torch.manual_seed(0)
+    ref = getattr(hiera, f"hiera_{size}_224")(pretrained=False).eval()
+    ours = build_hiera(size, use_sdpa=use_sdpa).eval()
+    # The official model owns a classifier head and final norm; the backbone must not.
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith(("head.", "norm."))}
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        _, expected = ref(x, return_intermediates=True)
+        got = ours(x)
+    assert list(got) == ["res2", "res3", "res4", "res5"]
+    for (name, y), y_ref in zip(got.items(), expected):
+        y_ref = y_ref.permute(0, 3, 1, 2)
+        assert y.shape == y_ref.shape, name
+        assert (y - y_ref).abs().max().item() <= 1e-4, name
+
+
+def test_size_table_builds_every_size_with_paper_widths():
+    widths = {"tiny": 96, "small": 96, "base": 96, "base_plus": 112, "large": 144, "huge": 256}
+    for name, spec in HIERA_SIZES.items():
+        assert spec["embed_dim"] == widths[name]
+    model = build_hiera("base_plus", out_features=("res2",))
+    assert model.output_shape()["res2"].channels == 112
+    with pytest.raises(KeyError, match="unknown Hiera size"):
+        build_hiera("medium")
+
+
+# --- the Detectron2 backbone contract -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 160), (224, 32), (32, 288)])
+def test_outputs_match_declared_shapes_and_strides(hw):
+    model = tiny().eval()
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        out = model(x)
+    shapes = model.output_shape()
+    assert list(out) == list(shapes)
+    assert [shapes[k].stride for k in shapes] == [4, 8, 16, 32]
+    for name, y in out.items():
+        spec = shapes[name]
+        assert y.shape == (2, spec.channels, hw[0] // spec.stride, hw[1] // spec.stride), name
+        assert torch.isfinite(y).all(), name
+
+
+def test_sizes_not_divisible_by_32_are_rejected_clearly():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"divisible by 32.*got 100x64"):
+        model(torch.randn(1, 3, 100, 64))
+
+
+def test_padding_constraints_work_with_imagelist():
+    model = tiny().eval()
+    assert model.padding_constraints == {"size_divisibility": 32, "square_size": 0}
+    images = [torch.randn(3, 50, 77), torch.randn(3, 33, 130)]
+    batch = ImageList.from_tensors(
+        images, model.size_divisibility, padding_constraints=model.padding_constraints
+    )
+    assert batch.tensor.shape[-2] % 32 == 0 and batch.tensor.shape[-1] % 32 == 0
+    with torch.no_grad():
+        out = model(batch.tensor)
+    assert out["res5"].shape[-2:] == (batch.tensor.shape[-2] // 32, batch.tensor.shape[-1] // 32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"drop_path_rate": 0.3},
+        {"stage_windows": (1, 1, 2, 2), "global_blocks": (3,)},
+        {"out_norm": True, "pos_embed_type": "abs_win", "pos_embed_global_size": (4, 4)},
+        {"use_act_checkpoint": True, "use_sdpa": True},
+    ],
+)
+def test_every_parameter_gets_a_finite_gradient(options):
+    model = tiny(**options).train()
+    out = model(torch.randn(2, 3, 96, 64))
+    sum(y.square().mean() for y in out.values()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient (DDP would fail)"
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_backbone_owns_no_head_and_builds_only_requested_stages():
+    full = tiny()
+    assert not hasattr(full, "head") and not hasattr(full, "norm")
+    partial = tiny(out_features=("res3",))
+    assert len(partial.blocks) == sum(TINY["stages"][:2])
+    assert list(partial(torch.randn(1, 3, 64, 64))) == ["res3"]
+    with pytest.raises(ValueError, match="out_features"):
+        tiny(out_features=("res6",))
+
+
+def test_bf16_autocast_runs():
+    model = tiny().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 64, 96))
+    assert all(torch.isfinite(y.float()).all() for y in out.values())
+
+
+# --- attention layouts ------------------------------------------------------------------------
+
+
+def test_a_window_covering_the_image_equals_global_attention():
+    glob = tiny(stage_windows=(1, 1, 0, 0)).eval()
+    win = tiny(stage_windows=(1, 1, 4, 4)).eval()  # 4x4 units = the whole 128 px image
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = glob(x), win(x)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+
+
+def test_smaller_windows_change_the_result_and_pad_ragged_grids():
+    glob = tiny(stage_windows=(1, 1, 0, 0)).eval()
+    win = tiny(stage_windows=(1, 1, 2, 2)).eval()
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(1, 3, 160, 96)  # a 5x3 unit grid: windows of 2x2 units need padding
+    with torch.no_grad():
+        a, b = glob(x), win(x)
+    assert b["res5"].shape == a["res5"].shape == (1, 128, 5, 3)
+    assert (a["res4"] - b["res4"]).abs().max() > 1e-3
+    # Stages 1-2 use mask unit attention in both, and the stage-3 transition block lags.
+    torch.testing.assert_close(a["res3"], b["res3"])
+
+
+def test_official_lag_rule_for_attention_kind():
+    model = tiny(stage_windows=(1, 1, 3, 0))
+    windows = [blk.attn.window for blk in model.blocks]
+    # stages (1,1,2,1): block 1 opens stage 2, block 2 opens stage 3, block 4 opens stage 4.
+    assert windows == [1, 1, 1, 3, 3]
+    assert [blk.attn.q_stride for blk in model.blocks] == [1, 4, 4, 1, 4]
+
+
+# --- token layout ------------------------------------------------------------------------------
+
+
+def test_unroll_reroll_round_trip_and_pooling_on_non_square_grids():
+    x = torch.randn(2, 16, 40, 3)  # 2x5 mask units of 8x8 tokens
+    u = unroll(x, 3, (2, 2))
+    assert u.shape == (2, 10, 64, 3)
+    torch.testing.assert_close(reroll(u, (2, 5), 3, (2, 2)), x)
+    # Pooling in unit layout is a spatial 2x2 max-pool.
+    pooled = reroll(pool_units(u, 4), (2, 5), 2, (2, 2))
+    expected = F.max_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(pooled, expected)
+    # Each unit holds exactly its own 8x8 square.
+    torch.testing.assert_close(u[:, 6].reshape(2, 64, 3).sum(1), x[:, 8:16, 8:16].sum((1, 2)))
+
+
+def test_position_table_is_stored_at_pretraining_size_and_resized_at_run_time():
+    model = tiny()
+    assert model.pos_embed.shape == (1, 56 * 56, 16)
+    assert model.get_pos_embed((56, 56)).shape == (1, 56, 56, 16)
+    torch.testing.assert_close(model.get_pos_embed((56, 56)).reshape(1, -1, 16), model.pos_embed)
+    assert model.get_pos_embed((16, 24)).shape == (1, 16, 24, 16)
+
+
+def test_sparse_units_with_everything_visible_equal_the_dense_path():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 96)
+    visible = torch.ones(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        dense, sparse = model.forward_units(x), model.forward_units(x, visible)
+    for name in dense:
+        torch.testing.assert_close(dense[name], sparse[name])
+    keep = torch.zeros(2, 6, dtype=torch.bool)
+    keep[:, [0, 4]] = True
+    with torch.no_grad():
+        out = model.forward_units(x, keep)
+    assert out["res2"].shape == (2, 2, 64, 16) and out["res5"].shape == (2, 2, 1, 128)
