@@ -21,3 +21,7 @@ __all__ = [
     "resize_pos_embed",
     "unroll",
 ]
+
+from .mae import MaskedAutoencoderHiera, build_mae, convert_mae_checkpoint  # noqa: E402
+
+__all__ += ["MaskedAutoencoderHiera", "build_mae", "convert_mae_checkpoint"]

@@ -1,0 +1,333 @@
+"""Masked autoencoder pretraining of Hiera (MAE; He et al. 2022, Ryali et al. 2023 Sec. 4).
+
+`MaskedAutoencoderHiera` wraps our `Hiera` encoder (it does not subclass it). Masking is per mask
+unit (32x32 px) and *sparse*: masked units are deleted before the first block, so the encoder
+attends only among the visible units (`Hiera.forward_units`). The encoder is built with
+``q_pool=2``: the last stage keeps stride 16 and every mask unit ends as 2x2 tokens.
+
+The decoder follows the official ``hiera_mae``:
+
+1. multi-scale fusion: stage-1 and stage-2 outputs of every visible unit are mapped to the last
+   stage's width and 2x2 grid by convolutions with kernel = stride (4 and 2), summed with the last
+   stage, and normed (`encoder_norm`);
+2. the fused tokens are embedded to the decoder width, mask tokens fill the masked units, and the
+   16 px grid of the whole image is put back in spatial order;
+3. 8 global-attention blocks + a linear layer predict each 16x16 patch's pixels;
+4. the loss is the MSE on *masked* patches against per-patch normalised pixels.
+
+Our encoder returns every stage in unit layout ``[B, U_vis, T_s, C_s]`` with the ``T_s`` tokens of a
+unit in unrolled order; rerolling each unit on its own (a 1x1 unit grid) gives the official
+``[B, U_vis, MUy, MUx, C]`` per-unit spatial layout the fusion convolutions work on.
+
+Non-encoder parameters keep the official names, so an official MAE checkpoint loads after
+`convert_mae_checkpoint` (which only prefixes the encoder keys with ``encoder.``); our checkpoints
+load into a detection `Hiera` through `hiera_det.checkpoint` (which strips that prefix).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .hiera import Hiera, HieraBlock, build_hiera, reroll, resize_pos_embed
+
+__all__ = ["MaskedAutoencoderHiera", "build_mae", "convert_mae_checkpoint"]
+
+# Top-level names of the encoder's parameters in an official checkpoint.
+_ENCODER_ROOTS = ("pos_embed", "patch_embed", "blocks")
+
+
+def build_mae(
+    size: str,
+    *,
+    decoder_embed_dim: int = 512,
+    decoder_depth: int = 8,
+    decoder_num_heads: int = 16,
+    mask_ratio: float = 0.6,
+    norm_pix_loss: bool = True,
+    **encoder_overrides,
+) -> MaskedAutoencoderHiera:
+    """An MAE for a named Hiera size (`HIERA_SIZES`); `encoder_overrides` go to `build_hiera`.
+
+    The encoder gets ``q_pool=2`` (no pooling before the last stage) and SDPA attention unless
+    overridden.
+    """
+    encoder = build_hiera(size, **{"q_pool": 2, "use_sdpa": True, **encoder_overrides})
+    return MaskedAutoencoderHiera(
+        encoder,
+        decoder_embed_dim=decoder_embed_dim,
+        decoder_depth=decoder_depth,
+        decoder_num_heads=decoder_num_heads,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=norm_pix_loss,
+    )
+
+
+def convert_mae_checkpoint(official: Mapping) -> dict[str, Tensor]:
+    """Official MAE checkpoint (``{"model_state": sd}`` or flat) -> state dict for our MAE.
+
+    Encoder tensors (``pos_embed``, ``patch_embed.*``, ``blocks.*``) move under ``encoder.``;
+    everything else (fusion heads, mask token, decoder) already has our names.
+    """
+    state = official.get("model_state", official)
+    return {
+        (f"encoder.{key}" if key.split(".")[0] in _ENCODER_ROOTS else key): value
+        for key, value in state.items()
+    }
+
+
+class MaskedAutoencoderHiera(nn.Module):
+    """Sparse MAE around a `Hiera` encoder, with the official multi-scale fusion decoder.
+
+    Args:
+        encoder: a `Hiera` with every stage in `out_features` and ``pos_embed_type="abs"``;
+            pretraining uses ``q_pool=2`` (see `build_mae`). Its `pretrain_img_size` sets the image
+            size the decoder's position table is for.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: the decoder transformer.
+        mask_ratio: fraction of mask units hidden by random masking; ``int(units * (1 - ratio))``
+            units stay visible (19 of 49 at 224 px and 0.6, as official).
+        norm_pix_loss: normalise each target patch by its mean and variance (as the paper).
+        mlp_ratio: MLP width of the decoder blocks.
+        use_sdpa: decoder attention with `F.scaled_dot_product_attention` (as the official code).
+    """
+
+    def __init__(
+        self,
+        encoder: Hiera,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mask_ratio: float = 0.6,
+        norm_pix_loss: bool = True,
+        mlp_ratio: float = 4.0,
+        use_sdpa: bool = True,
+    ):
+        super().__init__()
+        stages = [f"res{i + 2}" for i in range(encoder.levels + 1)]
+        if list(encoder._out_features) != stages:
+            raise ValueError(
+                f"MAE needs every encoder stage as an output: build the Hiera with "
+                f"out_features={tuple(stages)}, not {tuple(encoder._out_features)}"
+            )
+        if encoder.pos_embed_type != "abs":
+            raise ValueError("MAE pretraining supports pos_embed_type='abs' only")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio={mask_ratio} must be in [0, 1)")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+
+        strides, channels = encoder._out_feature_strides, encoder._out_feature_channels
+        last = stages[-1]
+        self.pred_stride = strides[last]  # 16 with q_pool=2: one prediction per last-stage token
+        unit_px = encoder.unit_px
+        self.unit_side = unit_px // self.pred_stride  # last-stage tokens per unit side (2)
+        # Fusion sources: the stages before each pooling, then the last stage (official order).
+        self._fusion_sources = [n for n in stages if strides[n] < self.pred_stride] + [last]
+        encoder_dim = channels[last]
+        self.multi_scale_fusion_heads = nn.ModuleList()
+        for name in self._fusion_sources[:-1]:
+            k = self.pred_stride // strides[name]  # kernel = stride
+            self.multi_scale_fusion_heads.append(nn.Conv2d(channels[name], encoder_dim, k, k))
+        self.multi_scale_fusion_heads.append(nn.Identity())  # the last stage is already 2x2
+        self.encoder_norm = nn.LayerNorm(encoder_dim, eps=1e-6)
+
+        patch_stride = unit_px // encoder.mask_unit_size[0]
+        token_side = math.isqrt(encoder.pos_embed.shape[1])  # pretraining grid of the encoder
+        self.decoder_grid = (token_side * patch_stride // self.pred_stride,) * 2  # 14x14 at 224
+        in_chans = encoder.patch_embed.proj.in_channels
+        self.decoder_embed = nn.Linear(encoder_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, math.prod(self.decoder_grid), decoder_embed_dim)
+        )
+        self.decoder_blocks = nn.ModuleList(
+            HieraBlock(
+                decoder_embed_dim,
+                decoder_embed_dim,
+                decoder_num_heads,
+                mlp_ratio,
+                window=0,
+                use_sdpa=use_sdpa,
+            )
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.pred_stride**2 * in_chans)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The official MAE initialisation (it replaces the encoder's own for linears and norms)."""
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.encoder.patch_embed.proj.weight.data  # like a linear layer, not a conv
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask_token.device
+
+    # ------------------------------------------------------------------------------------------
+    # Masking
+    # ------------------------------------------------------------------------------------------
+
+    def unit_grid(self, images: Tensor) -> tuple[int, int]:
+        """The mask unit grid of `images` (raises for sizes that are not multiples of 32)."""
+        return self.encoder._unit_grid(images)
+
+    def random_visible(
+        self, batch: int, grid: tuple[int, int], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Random per-unit masks ``[B, gh*gw]`` bool, True = visible; the same count per image.
+
+        Keeps the ``int(units * (1 - mask_ratio))`` units with the smallest uniform noise, as the
+        official ``get_random_mask`` does.
+        """
+        units = grid[0] * grid[1]
+        keep = int(units * (1 - self.mask_ratio))
+        if keep < 1:
+            raise ValueError(f"mask_ratio={self.mask_ratio} keeps no unit of a {grid} unit grid")
+        device = generator.device if generator is not None else self.device
+        noise = torch.rand(batch, units, device=device, generator=generator)
+        visible = torch.zeros(batch, units, dtype=torch.bool, device=device)
+        return visible.scatter_(1, noise.argsort(dim=1)[:, :keep], True).to(self.device)
+
+    # ------------------------------------------------------------------------------------------
+    # Encoder / decoder / loss
+    # ------------------------------------------------------------------------------------------
+
+    def forward_encoder(self, images: Tensor, visible: Tensor) -> Tensor:
+        """Encode the visible units and fuse the scales.
+
+        Args:
+            images: ``[B, C, H, W]``, H and W multiples of 32.
+            visible: ``[B, H/32 * W/32]`` bool, True = visible; the same count per image.
+        Returns:
+            ``[B, U_vis, m, m, C_enc]``: the fused, normed latent of every visible unit with its
+            ``m x m`` last-stage tokens (m = 2) in spatial order, units in row-major order.
+        """
+        feats = self.encoder.forward_units(images, visible)  # {name: [B, U_vis, T_s, C_s]}
+        q_stride = self.encoder.q_stride
+        latent = 0.0
+        for name, head in zip(self._fusion_sources, self.multi_scale_fusion_heads):
+            x = feats[name]
+            B, U, T, C = x.shape
+            # Reroll each unit alone (a 1x1 unit grid): [B*U, MUy, MUx, C] in spatial order.
+            levels = self.encoder.unroll_levels_left(name)
+            x = reroll(x.reshape(B * U, 1, T, C), (1, 1), levels, q_stride)
+            if not isinstance(head, nn.Identity):
+                x = head(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B*U, m, m, C_enc]
+            latent = latent + x
+        latent = self.encoder_norm(latent)
+        return latent.view(B, U, self.unit_side, self.unit_side, -1)
+
+    def forward_decoder(self, latent: Tensor, visible: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Predict the pixels of every 16 px patch of the image.
+
+        Args:
+            latent: ``[B, U_vis, m, m, C_enc]`` from `forward_encoder`.
+            visible: ``[B, gh*gw]`` bool unit mask (True = visible).
+            grid: the unit grid ``(gh, gw)``.
+        Returns:
+            ``[B, gh*m * gw*m, p*p*C_in]``: per patch (row-major, p = `pred_stride`) its pixels,
+            flattened channel-major ``(c, y, x)`` as the official model (normalised per patch when
+            `norm_pix_loss`).
+        """
+        x = self.decoder_embed(latent)  # [B, U_vis, m, m, D]
+        B, _, m, _, D = x.shape
+        gh, gw = grid
+        full = x.new_zeros(B, gh * gw, m, m, D)
+        full[visible] = x.reshape(-1, m, m, D)
+        x = torch.where(visible[:, :, None, None, None], full, self.mask_token.to(x.dtype))
+        # [B, gh, gw, m, m, D] -> [B, gh, m, gw, m, D]: the whole image's grid in spatial order
+        x = x.view(B, gh, gw, m, m, D).permute(0, 1, 3, 2, 4, 5).reshape(B, 1, -1, D)
+        x = x + resize_pos_embed(self.decoder_pos_embed, (gh * m, gw * m)).unsqueeze(1)
+        for blk in self.decoder_blocks:  # global attention over [B, 1, N, D]
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x.squeeze(1)))
+
+    def forward_loss(self, images: Tensor, pred: Tensor, visible: Tensor) -> Tensor:
+        """Mean squared error on the masked patches.
+
+        Args:
+            images: ``[B, C, H, W]`` the (normalised) input.
+            pred: ``[B, N, p*p*C]`` from `forward_decoder`.
+            visible: ``[B, gh*gw]`` bool unit mask (True = visible).
+        Returns:
+            the scalar loss (fp32).
+        """
+        masked = ~self.visible_per_patch(visible, self.unit_grid(images))  # [B, N]
+        target = self.patchify(images)[masked].float()  # [B*N_masked, p*p*C]
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as official
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return (pred[masked].float() - target).pow(2).mean()
+
+    def reconstruct(
+        self, images: Tensor, visible: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the whole MAE: ``(loss, pred [B, N, p*p*C], visible [B, units])``.
+
+        `visible` (True = visible, same count per image) is drawn at random with `mask_ratio`
+        when not given.
+        """
+        images = images.to(self.device, non_blocking=True)
+        grid = self.unit_grid(images)
+        if visible is None:
+            visible = self.random_visible(images.shape[0], grid)
+        else:
+            visible = visible.to(self.device).bool()
+            counts = visible.sum(dim=1)
+            if visible.shape != (images.shape[0], grid[0] * grid[1]) or (counts != counts[0]).any():
+                raise ValueError(
+                    f"visible must be [B, {grid[0] * grid[1]}] with the same number of visible "
+                    f"units per image, got shape {tuple(visible.shape)}, counts {counts.tolist()}"
+                )
+        latent = self.forward_encoder(images, visible)
+        pred = self.forward_decoder(latent, visible, grid)
+        return self.forward_loss(images, pred, visible), pred, visible
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """``[B, C, H, W]`` normalised images -> ``{"loss_mae": loss}`` (random masks).
+
+        Returns the loss dict in train and eval mode alike, so Detectron2's trainers train it;
+        use `reconstruct` for predictions.
+        """
+        return {"loss_mae": self.reconstruct(images)[0]}
+
+    # ------------------------------------------------------------------------------------------
+    # Patch layout helpers
+    # ------------------------------------------------------------------------------------------
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, (H/p)*(W/p), C*p*p]``, channel-major as the official unfold."""
+        B, C, H, W = images.shape
+        p = self.pred_stride
+        x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, patches: Tensor, size: tuple[int, int]) -> Tensor:
+        """Inverse of `patchify`: ``[B, N, C*p*p]`` -> ``[B, C, H, W]`` for an image `size`."""
+        B = patches.shape[0]
+        p = self.pred_stride
+        gh, gw = size[0] // p, size[1] // p
+        x = patches.reshape(B, gh, gw, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, -1, gh * p, gw * p)
+
+    def visible_per_patch(self, visible: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Unit mask ``[B, gh*gw]`` -> mask of the predicted patches ``[B, gh*m * gw*m]``."""
+        m = self.unit_side
+        v = visible.view(-1, grid[0], 1, grid[1], 1).expand(-1, -1, m, -1, m)
+        return v.reshape(visible.shape[0], -1)
