@@ -1,0 +1,112 @@
+"""Image folder data for MAE (hiera_det.data.image_folder)."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hiera_det.data.image_folder import (
+    IMAGENET_MEAN,
+    ImageFolder,
+    build_mae_train_loader,
+    build_mae_transform,
+    list_images,
+)
+
+
+def write_image(path, size=(40, 30), color=None, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path)) % 2**32)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    if color is not None:
+        pixels[:] = color
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    write_image(str(root / "n01" / "a.JPEG"), fmt="JPEG")
+    write_image(str(root / "n01" / "b.png"))
+    write_image(str(root / "n02" / "deeper" / "c.webp"), fmt="WEBP")
+    write_image(str(root / "d.jpg"), fmt="JPEG")
+    (root / "notes.txt").write_text("not an image")
+    write_image(str(root / ".hidden.jpg"), fmt="JPEG")
+    return root
+
+
+def test_lists_images_recursively_in_sorted_order_by_extension(folder):
+    paths = list_images(str(folder))
+    rel = [os.path.relpath(p, folder) for p in paths]
+    assert rel == ["d.jpg", "n01/a.JPEG", "n01/b.png", "n02/deeper/c.webp"]
+    assert list_images(str(folder)) == paths
+
+
+def test_missing_or_empty_folders_are_named_in_the_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'.*nowhere' does not exist"):
+        list_images(str(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "x.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no images .* found under '.*empty'"):
+        list_images(str(tmp_path / "empty"))
+
+
+def test_corrupt_images_are_reported_by_path_and_replaced(folder):
+    bad = folder / "n01" / "a.JPEG"
+    bad.write_bytes(b"definitely not a jpeg")
+    truncated = folder / "n01" / "b.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    dataset = ImageFolder(str(folder), transform=None)
+    index = dataset.paths.index(str(bad))
+    image, skipped = dataset[index]
+    assert isinstance(image, Image.Image) and image.mode == "RGB"
+    assert [s.split(": ")[0] for s in skipped] == [str(bad), str(truncated)]
+    assert dataset[0][1] == []  # d.jpg is fine
+
+
+def test_a_folder_of_unreadable_files_raises_instead_of_looping(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="3 consecutive images .* unreadable"):
+        ImageFolder(str(tmp_path))[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_yields_normalised_batches_and_logs_each_skipped_file(folder, caplog, num_workers):
+    (folder / "n01" / "a.JPEG").write_bytes(b"broken")
+    loader = build_mae_train_loader(
+        str(folder), total_batch_size=4, img_size=32, num_workers=num_workers, seed=0
+    )
+    assert len(loader.dataset) == 4
+    with caplog.at_level(logging.WARNING, logger="hiera_det.data.image_folder"):
+        batches = [b for _, b in zip(range(3), loader)]  # 3 "epochs" of 4 images
+    for batch in batches:
+        assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32
+    messages = [r.getMessage() for r in caplog.records if "Skipped unreadable" in r.getMessage()]
+    assert len(messages) == 3 and loader.num_skipped == 3  # the file comes up once per epoch
+    assert all(str(folder / "n01" / "a.JPEG") in m for m in messages)
+    assert "(3 skipped so far" in messages[-1]
+
+
+def test_batch_size_must_split_over_processes(folder):
+    with pytest.raises(ValueError, match="total_batch_size=0"):
+        build_mae_train_loader(str(folder), total_batch_size=0)
+
+
+def test_mae_transform_crops_flips_and_normalises():
+    torch.manual_seed(0)
+    image = Image.new("RGB", (300, 200), color=(124, 116, 104))  # ~ the ImageNet mean
+    out = build_mae_transform(64)(image)
+    assert out.shape == (3, 64, 64)
+    assert out.abs().max() < 0.05  # mean colour maps to ~0 after normalisation
+    gradient = Image.fromarray(
+        np.tile(np.arange(256, dtype=np.uint8), (256, 1))[..., None].repeat(3, 2)
+    )
+    flips = {
+        bool(build_mae_transform(32, scale=(1.0, 1.0))(gradient)[0, 0, 0] > 0) for _ in range(20)
+    }
+    assert flips == {True, False}  # left edge dark or bright: flipped about half the time
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406)
