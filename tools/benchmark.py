@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Benchmark detectors and backbones side by side: parameters, FLOPs, latency, memory.
+
+    python tools/benchmark.py --config-file configs/mask_rcnn_hiera_b.py --vs vitdet_b \\
+        [--task inference|train|backbone] [--dtype fp32|bf16|fp16] [--size 1024] [--batch 1] \\
+        [--iters 5] [--warmup 1] [--flops] [--peak] [--opts key=value ...]
+
+Each model is measured in its own subprocess, one after the other in this run, so that peak memory
+is its own; ratios are printed against the first model. A model is a LazyConfig file or a built-in
+name: `vitdet_b` / `vitdet_l` (Detectron2's ViTDet Mask R-CNN from its bundled
+`common/models/mask_rcnn_vitdet.py`, L with ViTDet's L settings) and, for `--task backbone`,
+`official_hiera_<size>` (the `hiera-transformer` package, returning its four stage outputs).
+`--opts` overrides apply to every config-file model.
+
+Measured: latency after `--warmup` iterations (median/min/max of `--iters`), throughput
+(images/s), peak memory (CUDA: max allocated; CPU: peak resident set size of the process and its
+growth over the built model), FLOPs with `--flops` (fvcore, one multiply-add = one FLOP, attention
+counted; `hiera_det.utils.flops`) and, with `--peak`, this machine's matmul throughput for context.
+For inference the box score threshold is 0, so every model runs its mask head on the full 100
+detections, as a trained model does on a typical COCO image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+BUILTINS = ("vitdet_b", "vitdet_l")
+
+
+def load_config(spec: str, opts: list[str]):
+    from detectron2 import model_zoo
+    from detectron2.config import LazyConfig
+
+    if spec in BUILTINS:
+        cfg = model_zoo.get_config("common/models/mask_rcnn_vitdet.py")
+        if spec == "vitdet_l":  # ViTDet's L: projects/ViTDet/configs/COCO/mask_rcnn_vitdet_l_100ep
+            net = cfg.model.backbone.net
+            net.embed_dim, net.depth, net.num_heads, net.drop_path_rate = 1024, 24, 16, 0.4
+            net.window_block_indexes = [i for i in range(24) if i not in (5, 11, 17, 23)]
+        return cfg
+    if not os.path.isfile(spec):
+        raise SystemExit(f"no such config file or built-in model: {spec!r} (built-ins: {BUILTINS})")
+    return LazyConfig.apply_overrides(LazyConfig.load(spec), opts)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build(spec: str, task: str, opts: list[str]):
+    """Return (module, make_inputs, run) for a spec."""
+    torch.manual_seed(0)
+    if spec.startswith("official_hiera_"):
+        import hiera
+
+        if task != "backbone":
+            raise SystemExit("official_hiera_* models only support --task backbone")
+        # The official model fixes its input size (and position table) at construction.
+        name = f"{spec[len('official_') :]}_224"
+        model = getattr(hiera, name)(pretrained=False, input_size=tuple(IMAGES.shape[-2:]))
+        return model, lambda: model(IMAGES, return_intermediates=True)
+    from detectron2.config import instantiate
+
+    cfg = load_config(spec, opts)
+    model = instantiate(cfg.model)
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.box_predictor.test_score_thresh = 0.0
+    if task == "backbone":
+        backbone = model.backbone
+        net = getattr(backbone, "bottom_up", None) or getattr(backbone, "net", None) or backbone
+        return net, lambda: net(IMAGES)
+    if task == "inference":
+        return model, lambda: model(DETECTION_INPUTS)
+    return model, lambda: train_step(model)
+
+
+IMAGES: torch.Tensor
+DETECTION_INPUTS: list[dict]
+
+
+def make_inputs(size: int, batch: int, device: str, with_targets: bool) -> None:
+    global IMAGES, DETECTION_INPUTS
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    IMAGES = torch.randn(batch, 3, size, size, generator=g).to(device)
+    DETECTION_INPUTS = []
+    for _ in range(batch):
+        item = {"image": (torch.rand(3, size, size, generator=g) * 255).to(device)}
+        item.update(height=size, width=size)
+        if with_targets:  # 20 random objects with box-shaped masks
+            xy = torch.rand(20, 2, generator=g) * size * 0.7
+            wh = torch.rand(20, 2, generator=g) * size * 0.3 + 16
+            boxes = torch.cat([xy, xy + wh], dim=1)
+            masks = torch.zeros(20, size, size, dtype=torch.bool)
+            for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                masks[i, y0:y1, x0:x1] = True
+            inst = Instances((size, size))
+            inst.gt_boxes = Boxes(boxes)
+            inst.gt_classes = torch.randint(0, 80, (20,), generator=g)
+            inst.gt_masks = BitMasks(masks)
+            item["instances"] = inst.to(device)
+        DETECTION_INPUTS.append(item)
+
+
+def train_step(model) -> None:
+    losses = model(DETECTION_INPUTS)
+    sum(losses.values()).backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def worker(args) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    make_inputs(args.size, args.batch, device, with_targets=args.task == "train")
+    model, run = build(args.model, args.task, args.opts)
+    model.to(device).train(args.task == "train")
+    params = sum(p.numel() for p in model.parameters())
+    result = {"model": args.model, "params_M": params / 1e6}
+    if args.flops and args.task != "train":
+        from hiera_det.utils.flops import count_flops
+
+        inputs = DETECTION_INPUTS if args.task == "inference" else (IMAGES,)
+        result["flops_G"] = count_flops(model.eval(), inputs) / 1e9
+
+    def step():
+        with (
+            torch.set_grad_enabled(args.task == "train"),
+            torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    base = rss_mb()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        result["peak_mem_MB"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_mem_MB"] = peak_rss_mb()
+        result["peak_growth_MB"] = peak_rss_mb() - base
+    med = statistics.median(times)
+    result.update(median_s=med, min_s=min(times), max_s=max(times), images_per_s=args.batch / med)
+    if "flops_G" in result:
+        result["achieved_GFLOPs"] = 2 * result["flops_G"] / med  # multiply-add = 2 FLOPs
+    cpu = f"cpu x{os.cpu_count()}"
+    result["device"] = torch.cuda.get_device_name() if device == "cuda" else cpu
+    return result
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="config file or built-in name")
+    parser.add_argument("--vs", nargs="*", default=[], help="models to compare against")
+    parser.add_argument("--task", choices=["inference", "train", "backbone"], default="inference")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--flops", action="store_true", help="also count FLOPs (slow for L)")
+    parser.add_argument("--peak", action="store_true", help="also measure matmul GFLOP/s")
+    parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
+    args = parser.parse_args()
+
+    if args.model:  # worker: measure one model, print one JSON line
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    results = []
+    for spec in [args.config_file, *args.vs]:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"benchmark of {spec} failed (exit {proc.returncode})")
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(f"measured {spec}", file=sys.stderr, flush=True)
+
+    print(
+        f"task={args.task} dtype={args.dtype} size={args.size} batch={args.batch} "
+        f"iters={args.iters} warmup={args.warmup} device={results[0]['device']} "
+        f"threads={torch.get_num_threads()}"
+    )
+    first = results[0]
+    header = f"{'model':<42}{'params':>9}{'GFLOPs':>9}{'median s':>10}{'min s':>8}{'max s':>8}"
+    header += f"{'img/s':>8}{'peak MB':>9}{'growth MB':>10}{'time ratio':>11}{'mem ratio':>10}"
+    print(header)
+    mem_key = "peak_growth_MB" if "peak_growth_MB" in first else "peak_mem_MB"
+    for r in results:
+        flops = f"{r['flops_G']:.0f}" if "flops_G" in r else "-"
+        growth = f"{r['peak_growth_MB']:.0f}" if "peak_growth_MB" in r else "-"
+        print(
+            f"{r['model'][-42:]:<42}{r['params_M']:>8.1f}M{flops:>9}{r['median_s']:>10.3f}"
+            f"{r['min_s']:>8.3f}{r['max_s']:>8.3f}{r['images_per_s']:>8.2f}"
+            f"{r['peak_mem_MB']:>9.0f}{growth:>10}"
+            f"{r['median_s'] / first['median_s']:>11.2f}"
+            f"{r[mem_key] / max(first[mem_key], 1e-9):>10.2f}"
+        )
+    if args.peak:
+        fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+        print(f"matmul peak here: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s (2048^3)")
+        for r in results:
+            if "achieved_GFLOPs" in r:
+                peak = bf16 if args.dtype == "bf16" else fp32
+                print(
+                    f"  {r['model']}: {r['achieved_GFLOPs']:.0f} GFLOP/s achieved "
+                    f"({100 * r['achieved_GFLOPs'] / peak:.0f}% of the {args.dtype} matmul peak)"
+                )
+
+
+if __name__ == "__main__":
+    main()
