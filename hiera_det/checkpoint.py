@@ -206,6 +206,20 @@ def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport
     return report
 
 
+def _write_atomically(path: str, write) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _find_hiera(model: nn.Module) -> tuple[str, Hiera] | None:
     for name, module in model.named_modules():
         if isinstance(module, Hiera):
@@ -221,7 +235,29 @@ class HieraCheckpointer(DetectionCheckpointer):
     with `convert_hiera_checkpoint`, its position tables are resized to the model's, and its keys
     are placed under the `Hiera` submodule (e.g. ``backbone.bottom_up.``). A size mismatch raises
     `CheckpointMismatchError`; what loaded and what did not is logged as one report.
+
+    Saving is atomic on local disks: a checkpoint (and the `last_checkpoint` tag) is written to a
+    temporary file and renamed, so a run killed while saving keeps its previous checkpoint intact.
     """
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _write_atomically(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _write_atomically(path, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):

@@ -162,3 +162,23 @@ def test_hiera_checkpointer_loads_pretrained_into_the_nested_backbone(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         HieraCheckpointer(fresh).load(str(tmp_path / "missing.pth"))
+
+
+def test_saving_is_atomic_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    detector = Detector()
+    saver = HieraCheckpointer(detector, save_dir=str(tmp_path))
+    saver.save("model_final", iteration=1)
+    before = (tmp_path / "model_final.pth").read_bytes()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+    def killed_mid_write(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # what a kill during torch.save looks like to Python
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with torch.no_grad():
+        detector.head.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save("model_final", iteration=2)
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]
