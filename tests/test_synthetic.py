@@ -96,15 +96,21 @@ def test_register_generates_on_first_use(tmp_path):
     root = tmp_path / "syn"
     train, val = register_synthetic(SPEC, root, prefix="test_synthetic")
     assert (train, val) == ("test_synthetic_train", "test_synthetic_val")
-    assert not root.exists()  # registering alone writes nothing
+    assert not root.exists()  # registering alone writes nothing ...
     assert MetadataCatalog.get(val).thing_classes == list(SPEC.shapes)
+    assert "json_file" not in MetadataCatalog.get(val).as_dict()  # ... and names no files yet
     dicts = DatasetCatalog.get(val)
     assert len(dicts) == SPEC.num_val and (root / "stamp.json").is_file()
+    for name in (train, val):  # now the files exist for both splits
+        assert Path(MetadataCatalog.get(name).json_file).is_file()
     assert all(Path(d["file_name"]).is_file() for d in dicts)
     assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(5))
     # Registering again (another spec) replaces the first registration.
     register_synthetic(SyntheticSpec(**{**SPEC.__dict__, "num_val": 1}), root, "test_synthetic")
+    assert "json_file" not in MetadataCatalog.get(val).as_dict()  # a stale cache is not named
     assert len(DatasetCatalog.get(val)) == 1
+    register_synthetic(SyntheticSpec(**{**SPEC.__dict__, "num_val": 1}), root, "test_synthetic")
+    assert Path(MetadataCatalog.get(val).json_file).is_file()  # a cached one is, at once
 
 
 def test_cli(tmp_path, capsys):

@@ -48,6 +48,7 @@ __all__ = [
     "default_root",
     "draw_image",
     "ensure_synthetic",
+    "is_cached",
     "register_synthetic",
 ]
 
@@ -272,6 +273,15 @@ def _annotation_json(spec: SyntheticSpec, split: str, root: Path, progress: bool
     }
 
 
+def is_cached(spec: SyntheticSpec, root: str | os.PathLike) -> bool:
+    """Whether `root` holds the complete dataset of `spec` (its stamp matches)."""
+    stamp_file = Path(root) / "stamp.json"
+    try:
+        return json.loads(stamp_file.read_text()) == spec.stamp()
+    except (OSError, json.JSONDecodeError):  # no stamp, or a damaged one
+        return False
+
+
 def ensure_synthetic(
     spec: SyntheticSpec | None = None,
     root: str | os.PathLike | None = None,
@@ -285,22 +295,17 @@ def ensure_synthetic(
     """
     spec = spec or SyntheticSpec()
     root = Path(root) if root is not None else default_root()
-    stamp_file = root / "stamp.json"
-    if not force and stamp_file.is_file():
-        try:
-            if json.loads(stamp_file.read_text()) == spec.stamp():
-                return root
-        except json.JSONDecodeError:
-            pass  # a damaged stamp: regenerate
+    if not force and is_cached(spec, root):
+        return root
     # Regenerate from scratch so that no file of an older spec survives.
-    stamp_file.unlink(missing_ok=True)
+    (root / "stamp.json").unlink(missing_ok=True)
     for sub in (*SPLITS, "annotations"):
         shutil.rmtree(root / sub, ignore_errors=True)
     (root / "annotations").mkdir(parents=True)
     for split in SPLITS:
         coco = _annotation_json(spec, split, root, progress)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-    stamp_file.write_text(json.dumps(spec.stamp(), indent=2))
+    (root / "stamp.json").write_text(json.dumps(spec.stamp(), indent=2))
     return root
 
 
@@ -311,40 +316,48 @@ def register_synthetic(
 ) -> tuple[str, str]:
     """Register ``{prefix}_train`` and ``{prefix}_val`` with Detectron2; returns the two names.
 
-    This is `register_coco_instances` with one difference: the dataset is generated (or found in
-    the cache) when Detectron2 first asks for its dicts, so registering is free and never writes
-    files. Registering the same names again replaces the earlier registration.
+    This is `register_coco_instances` except that the dataset is generated (or found in the
+    cache) when Detectron2 first asks for its dicts: registering is free and writes nothing, so a
+    config can register at load time. Until the files exist, the metadata has no ``json_file`` /
+    ``image_root`` (so file checks do not fail on a dataset that will be made on demand, and a
+    `COCOEvaluator` built before the dicts would convert them itself); both are set as soon as the
+    files exist. Registering the same names again replaces the earlier registration.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 
     spec = spec or SyntheticSpec()
     root = Path(root) if root is not None else default_root()
-    names = []
-    for split in SPLITS:
-        name = f"{prefix}_{split}"
-        json_file = root / "annotations" / f"instances_{split}.json"
-        image_root = root / split
+    files = {
+        split: {
+            "json_file": str(root / "annotations" / f"instances_{split}.json"),
+            "image_root": str(root / split),
+        }
+        for split in SPLITS
+    }
+    names = {split: f"{prefix}_{split}" for split in SPLITS}
 
-        def load(json_file=json_file, image_root=image_root, name=name):
-            ensure_synthetic(spec, root)
-            return load_coco_json(str(json_file), str(image_root), name)
+    def load(split: str) -> list[dict]:
+        ensure_synthetic(spec, root)
+        for s in SPLITS:  # both splits exist now
+            MetadataCatalog.get(names[s]).set(**files[s])
+        return load_coco_json(files[split]["json_file"], files[split]["image_root"], names[split])
 
+    cached = is_cached(spec, root)
+    for split, name in names.items():
         if name in DatasetCatalog:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, load)
+        DatasetCatalog.register(name, lambda split=split: load(split))
         MetadataCatalog.get(name).set(
-            json_file=str(json_file),
-            image_root=str(image_root),
             evaluator_type="coco",
             thing_classes=list(spec.shapes),
             # load_coco_json sets the same mapping; set it now for users that never load the dicts
             # (e.g. the demo drawing class names)
             thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(spec.shapes))},
+            **(files[split] if cached else {}),
         )
-        names.append(name)
-    return names[0], names[1]
+    return names["train"], names["val"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
