@@ -22,6 +22,10 @@ __all__ = [
     "unroll",
 ]
 
+from .rpn import ConvNormRPNHead  # noqa: E402
+
+__all__ += ["ConvNormRPNHead"]
+
 from .mae import MaskedAutoencoderHiera, build_mae, convert_mae_checkpoint  # noqa: E402
 
 __all__ += ["MaskedAutoencoderHiera", "build_mae", "convert_mae_checkpoint"]

@@ -1,0 +1,32 @@
+"""COCO 2017 with large-scale jitter (LSJ) at 1024 px, as ViTDet and the paper (Table 15) train.
+
+Train: random horizontal flip, resize by a random factor in [0.1, 2.0] of the 1024 square, then a
+random 1024x1024 crop (not padded here: the model pads to its 1024 square). Test: resize the
+shortest edge to 1024 with the longest edge capped at 1024 (ViTDet's test transform), so every test
+image fits the model's square. Images are RGB, as Hiera was pretrained.
+
+Datasets are Detectron2's built-in names, read from ``$DETECTRON2_DATASETS/coco`` (default
+``./datasets/coco``); see `hiera_det.data` to train and evaluate on a COCO-format dataset of one's
+own from the command line.
+"""
+
+import detectron2.data.transforms as T
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+
+image_size = 1024
+
+dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader.train.mapper.augmentations = [
+    L(T.RandomFlip)(horizontal=True),
+    L(T.ResizeScale)(
+        min_scale=0.1, max_scale=2.0, target_height=image_size, target_width=image_size
+    ),
+    L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),
+]
+dataloader.train.mapper.image_format = "RGB"
+dataloader.train.mapper.recompute_boxes = True  # boxes cut by the crop are re-fit to their masks
+dataloader.train.total_batch_size = 64
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size),
+]

@@ -1,0 +1,50 @@
+"""Mask R-CNN with a Hiera backbone and an FPN: the detector of the paper (Sec. 5, App. A.2).
+
+Everything is Detectron2's stock Mask R-CNN (`common/models/mask_rcnn_fpn.py`) except the backbone
+and the "ViTDet heads": LayerNorm after every hidden conv of the FPN, the RPN (2 convs) and the RoI
+heads (box: 4 convs + 1 fc; mask: 4 convs + deconv).
+"""
+
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+
+from hiera_det.modeling import HIERA_SIZES, ConvNormRPNHead, build_hiera
+
+
+def spread_global_blocks(size: str, num: int = 4) -> list[int]:
+    """Block indices of `num` global blocks spread over Hiera stage 3: the last block of each of
+    `num` equal parts of the stage (ViTDet's rule for ViT, applied to the stage that holds most of
+    the depth; e.g. base (2, 3, 16, 3) -> [8, 12, 16, 20])."""
+    stages = HIERA_SIZES[size]["stages"]
+    first, length = sum(stages[:2]), stages[2]
+    return [first + round(length * (k + 1) / num) - 1 for k in range(num)]
+
+
+model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+
+# Hiera was pretrained on RGB images normalised with the ImageNet statistics.
+model.pixel_mean = [123.675, 116.28, 103.53]
+model.pixel_std = [58.395, 57.12, 57.375]
+model.input_format = "RGB"
+
+model.backbone.bottom_up = L(build_hiera)(
+    size="base",
+    drop_path_rate=0.2,
+    out_features=["res2", "res3", "res4", "res5"],
+    # Attention layout for 1024 px inputs (measured in docs/detection.md): stages 1-2 keep mask
+    # unit attention, stage 3 attends within 7x7 mask units (224 px, what it saw globally in
+    # pretraining) except a few global blocks, stage 4 stays global (only 32x32 tokens).
+    stage_windows=[1, 1, 7, 0],
+    global_blocks=spread_global_blocks("base"),
+    use_sdpa=True,
+)
+model.backbone.norm = "LN"
+model.backbone.square_pad = 1024  # LSJ crops are 1024 squares; test images are resized into one
+
+model.proposal_generator.head = L(ConvNormRPNHead)(
+    in_channels=256, num_anchors=3, conv_dims=[-1, -1], conv_norm="LN"
+)
+model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
+model.roi_heads.box_head.fc_dims = [1024]
+model.roi_heads.box_head.conv_norm = "LN"
+model.roi_heads.mask_head.conv_norm = "LN"  # conv_dims [256] * 5: 4 convs + the deconv

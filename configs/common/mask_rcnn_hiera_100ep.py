@@ -1,0 +1,15 @@
+"""The paper's COCO recipe (Sec. 5, App. A.2, Table 15): Mask R-CNN + Hiera-B, LSJ 1024, AdamW,
+100 epochs at batch 64 with ViTDet's step schedule. The size configs import this and override the
+Hiera size, drop path, lr and initial weights.
+"""
+
+from .coco_lsj import dataloader
+from .mask_rcnn_hiera import model
+from .optim import optimizer
+from .schedule import iterations_for, step_lr_multiplier
+from .train import train
+
+train.max_iter = iterations_for(epochs=100, batch_size=64)  # 184375
+lr_multiplier = step_lr_multiplier(train.max_iter)
+# Hiera-B's MAE pretraining (the paper fine-tunes MAE weights, not the IN-1K classifier).
+train.init_checkpoint = "https://dl.fbaipublicfiles.com/hiera/mae_hiera_base_224.pth"

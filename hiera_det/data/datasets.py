@@ -1,0 +1,139 @@
+"""Datasets named in a config: COCO-format data of one's own from the command line, file checks.
+
+Detectron2 reads datasets by registered name (``dataloader.train.dataset.names``). COCO 2017 is
+built in (``coco_2017_train``, ``coco_2017_val``, under ``$DETECTRON2_DATASETS/coco``). For a
+COCO-format dataset of your own (an instances json + an image folder), give train_net.py::
+
+    dataset.train=[my_train,/data/annotations/train.json,/data/images/train]
+    dataset.test=[my_val,/data/annotations/val.json,/data/images/val]
+
+Each entry is ``[name, json_file, image_root]``, the arguments of Detectron2's
+`register_coco_instances`. `apply_dataset_config` registers them, points the train/test loaders and
+the evaluator at them and sets the detector's number of classes to the json's categories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+__all__ = ["apply_dataset_config", "check_dataset_files", "register_coco_format"]
+
+logger = logging.getLogger(__name__)
+
+
+def register_coco_format(name: str, json_file: str, image_root: str) -> int:
+    """Register a COCO-format instances dataset under `name`; return its number of categories.
+
+    Registering the same name again with the same files is a no-op; with other files, an error.
+    """
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"dataset {name!r}: annotation file not found: {json_file}")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"dataset {name!r}: image folder not found: {image_root}")
+    with open(json_file) as f:
+        content = json.load(f)
+    for key in ("images", "annotations", "categories"):
+        if key not in content:
+            raise ValueError(
+                f"dataset {name!r}: {json_file} is not a COCO instances file (no {key!r} key)"
+            )
+    if not content["categories"]:
+        raise ValueError(f"dataset {name!r}: {json_file} lists no categories")
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if (meta.get("json_file"), meta.get("image_root")) != (json_file, image_root):
+            raise ValueError(
+                f"dataset name {name!r} is already registered with json_file="
+                f"{meta.get('json_file')!r}, image_root={meta.get('image_root')!r}; pick another"
+            )
+    else:
+        register_coco_instances(name, {}, json_file, image_root)
+    return len(content["categories"])
+
+
+def _names(names: str | Iterable[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _datasets_root() -> str:
+    # The same expression Detectron2's builtin registration evaluates at import.
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def check_dataset_files(names: str | Iterable[str]) -> None:
+    """Raise a clear error when a named dataset is unknown or its COCO files are missing."""
+    for name in _names(names):
+        if name not in DatasetCatalog.list():
+            raise KeyError(
+                f"dataset {name!r} is not registered. Built-in COCO names are e.g. "
+                "'coco_2017_train' and 'coco_2017_val'; for a COCO-format dataset of your own give "
+                "dataset.train=[name,json_file,image_root] (and dataset.test=[...]) on the "
+                "command line"
+            )
+        meta = MetadataCatalog.get(name)
+        files = [meta.get("json_file"), meta.get("image_root")]
+        missing = [p for p in files if p and not os.path.exists(p)]
+        if not missing:
+            continue
+        root = _datasets_root()
+        message = f"dataset {name!r}: missing {', '.join(missing)}."
+        if all(os.path.abspath(p).startswith(os.path.abspath(root)) for p in missing):
+            message += (
+                f" Detectron2's built-in datasets are read from $DETECTRON2_DATASETS (now "
+                f"{os.getenv('DETECTRON2_DATASETS', 'unset: ./datasets')!r}); COCO 2017 is "
+                "expected as $DETECTRON2_DATASETS/coco/annotations/instances_{train,val}2017.json "
+                "and $DETECTRON2_DATASETS/coco/{train,val}2017/*.jpg. Set DETECTRON2_DATASETS "
+                "before starting, or train on a COCO-format dataset of your own with "
+                "dataset.train=[name,json_file,image_root]."
+            )
+        raise FileNotFoundError(message)
+
+
+def _entry(cfg, key: str) -> tuple[str, str, str] | None:
+    entry = cfg.get("dataset", {}).get(key) if "dataset" in cfg else None
+    if entry is None:
+        return None
+    entry = list(entry)
+    if len(entry) != 3 or not all(isinstance(x, str) for x in entry):
+        raise ValueError(
+            f"dataset.{key}={entry!r}: expected [name,json_file,image_root], e.g. "
+            f"dataset.{key}=[my_{key},/data/{key}.json,/data/{key}_images]"
+        )
+    return entry[0], entry[1], entry[2]
+
+
+def apply_dataset_config(cfg) -> None:
+    """Register ``cfg.dataset.{train,test}`` (if given) and point the config at them.
+
+    Sets ``dataloader.train.dataset.names``, ``dataloader.test.dataset.names``,
+    ``dataloader.evaluator.dataset_name`` and ``model.roi_heads.num_classes`` (from the training
+    json's categories; the test json must have the same number). Configs without a
+    ``dataset`` section are left alone.
+    """
+    num_classes = {}
+    for key in ("train", "test"):
+        entry = _entry(cfg, key)
+        if entry is None:
+            continue
+        name = entry[0]
+        num_classes[key] = register_coco_format(*entry)
+        loader = cfg.dataloader.get(key)
+        if loader is None:
+            raise KeyError(f"dataset.{key} is given but the config has no dataloader.{key}")
+        loader.dataset.names = name
+        if key == "test" and "evaluator" in cfg.dataloader:
+            cfg.dataloader.evaluator.dataset_name = name
+        logger.info(f"dataset.{key}: registered {name!r} ({entry[1]}, {entry[2]})")
+    if len(set(num_classes.values())) > 1:
+        raise ValueError(
+            f"dataset.train and dataset.test have different numbers of categories: {num_classes}"
+        )
+    if num_classes and "roi_heads" in cfg.model and "num_classes" in cfg.model.roi_heads:
+        cfg.model.roi_heads.num_classes = next(iter(num_classes.values()))

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Train or evaluate a hiera_det LazyConfig with Detectron2's engine.
+
+    python train_net.py --config-file configs/mask_rcnn_hiera_l.py [--resume] [key=value ...]
+    python train_net.py --config-file configs/mask_rcnn_hiera_l.py --eval-only \\
+        train.init_checkpoint=output/model_final.pth
+    python train_net.py --config-file ... --num-gpus 8 [--num-machines M --machine-rank R
+        --dist-url tcp://host:port]
+
+The config provides ``model``, ``dataloader.train`` (and optionally ``dataloader.test`` +
+``dataloader.evaluator``), ``optimizer``, ``lr_multiplier`` and ``train`` (configs/common/train.py).
+A model returns a loss dict in training mode (Mask R-CNN, MAE); evaluation runs only when the config
+has an evaluator. ``train.init_checkpoint`` may be a detector checkpoint or Hiera weights
+(official, timm, our MAE output): `HieraCheckpointer` loads the latter into the backbone and reports
+what loaded. ``train.extra_hooks`` lists LazyCall'd `HookBase` objects registered after the
+default hooks. On a machine without CUDA everything runs on the CPU, in fp32.
+
+COCO-format data of one's own: ``dataset.train=[name,json,image_dir]`` and
+``dataset.test=[name,json,image_dir]`` (see `hiera_det.data.datasets`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
+
+logger = logging.getLogger("detectron2")
+
+
+def has_evaluation(cfg) -> bool:
+    return "test" in cfg.dataloader and "evaluator" in cfg.dataloader
+
+
+def do_test(cfg, model) -> dict:
+    """Run the test loader through the evaluator; print and return the results (e.g. COCO AP)."""
+    if not has_evaluation(cfg):
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg) -> None:
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer_class = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
+    trainer = trainer_class(model, train_loader, optimizer)
+    checkpointer = HieraCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    main = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            # Evaluates every eval_period iterations (if > 0) and after the last one.
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
+            if has_evaluation(cfg)
+            else None,
+            # Console (loss, lr, time, ETA), metrics.json and TensorBoard.
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if main
+            else None,
+        ]
+    )
+    trainer.register_hooks([instantiate(h) for h in cfg.train.get("extra_hooks", None) or []])
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # A checkpoint stores the iteration that just finished: go on from the next one.
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def choose_device(cfg) -> None:
+    """Fall back to the CPU (fp32, no fp16 gradient compression) when CUDA is unavailable."""
+    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on the CPU")
+        cfg.train.device = "cpu"
+    if cfg.train.device == "cpu":
+        if cfg.train.amp.enabled:
+            logger.warning("train.amp.enabled=True needs CUDA: training in fp32 on the CPU")
+            cfg.train.amp.enabled = False
+        if "ddp" in cfg.train:
+            cfg.train.ddp.fp16_compression = False
+
+
+def check_datasets(cfg, eval_only: bool) -> None:
+    """Fail early, naming the expected files, when a dataset the run reads is missing."""
+    loaders = ["test"] if eval_only else ["train", "test"]
+    for key in loaders:
+        dataset = cfg.dataloader.get(key, {}).get("dataset", {})
+        if "names" in dataset:
+            check_dataset_files(dataset.names)
+
+
+def main(args) -> dict | None:
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    apply_dataset_config(cfg)  # before default_setup saves the config: dataset names, classes
+    default_setup(cfg, args)
+    choose_device(cfg)
+    check_datasets(cfg, args.eval_only)
+
+    if args.eval_only:
+        if not has_evaluation(cfg):
+            raise ValueError(f"{args.config_file} has no dataloader.test/evaluator to evaluate")
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        HieraCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+    return None
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
