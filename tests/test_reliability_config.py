@@ -1,0 +1,68 @@
+"""Bad config files and command-line overrides (hiera_det.config_check)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hiera_det.config_check import ConfigOverrideError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/mask_rcnn_hiera_b.py")
+
+
+def test_valid_overrides_apply():
+    cfg = load_config(
+        CONFIG,
+        [
+            "train.max_iter=10",
+            "optimizer.lr=1",  # an int where a float was: fine
+            "train.output_dir=out/run1",
+            "model.backbone.bottom_up.stages=[1,1,3,1]",
+            "model.backbone.bottom_up.use_act_checkpoint=True",  # a Hiera argument not in the file
+            "dataloader.train.mapper.augmentations.1.target_height=128",
+            "train.init_checkpoint=",
+            "+train.my_note=hello",
+            "dataset.train=[mine,/data/train.json,/data/images]",
+            "model.roi_heads.num_classes=null",
+        ],
+    )
+    assert cfg.train.max_iter == 10 and cfg.optimizer.lr == 1
+    assert cfg.model.backbone.bottom_up.use_act_checkpoint is True
+    assert cfg.dataloader.train.mapper.augmentations[1].target_height == 128
+    assert cfg.train.my_note == "hello" and cfg.dataset.train[0] == "mine"
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("train.max_itr=10", "unknown config key 'train.max_itr'.* Did you mean 'train.max_iter'"),
+        ("train.max_itr=10", r"write \+train.max_itr=10"),
+        ("trian.max_iter=10", "Did you mean 'train.max_iter'"),
+        (
+            "model.proposal_generator.head.conv_dim=[1]",
+            "Did you mean .*'model.proposal_generator.head.conv_dims'",
+        ),
+        ("model.roi_heads.box_head.conv_dim=[1]", "box_head takes: .*conv_dims"),
+        ("train.max_iter=abc", "'train.max_iter' .* expects a int \\(now 184375\\), got 'abc'"),
+        ("train.max_iter=1.5", "expects a int"),
+        ("optimizer.lr=fast", "expects a float .* write a number"),
+        ("train.amp.enabled=1", "expects a bool"),
+        ("train.output_dir=123", "quote it"),
+        ("model.roi_heads.box_head.conv_dims=3", "expects a list"),
+        ("model.backbone=3", "expects a config node"),
+        ("train.max_iter=[1,", "cannot parse the override 'train.max_iter=\\[1,'"),
+    ],
+)
+def test_bad_overrides_name_key_and_value(override, says):
+    with pytest.raises(ConfigOverrideError, match=says) as info:
+        load_config(CONFIG, [override])
+    assert "\n" not in str(info.value)  # one paragraph
+
+
+def test_missing_config_file_suggests_close_names():
+    with pytest.raises(FileNotFoundError, match="mask_rcnn_hiera_b.py"):
+        load_config(str(ROOT / "configs/mask_rcnn_hiera_bb.py"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(ROOT / "nowhere/x.py"))
