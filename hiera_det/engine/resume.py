@@ -1,0 +1,327 @@
+"""Deterministic, resumable training: a run killed at iteration k and restarted with ``--resume``
+sees the same data, augmentations and model randomness from the checkpoint on as a run that was
+never stopped (exactly on the CPU; on GPUs up to their non-deterministic kernels).
+
+Detectron2 checkpoints the model, optimizer, scheduler and iteration, but not where the data stream
+was, nor any RNG state: a resumed run restarts `TrainingSampler` from its first index and its
+augmentation and drop-path draws from wherever `default_setup` seeded them. Here every random draw
+is a pure function of ``(seed, iteration, ...)`` instead of a stream's history:
+
+1. `ResumableTrainingSampler` yields the global batch of iteration ``i`` as a pure function of
+   ``(seed, i)``: epochs are permutations seeded by ``(seed, epoch)``, so it starts at any
+   iteration by skipping ``i * total_batch_size`` indices without producing them; aspect-ratio
+   grouping is done here, on the global stream (Detectron2 groups per process, after mapping).
+   Process ``r`` of ``W`` takes slots ``[r*B/W, (r+1)*B/W)`` of each global batch, so a run on W
+   processes sees the same images per step as one process with the same total batch.
+2. Each index comes with a sample seed derived from ``(seed, iteration, slot)``;
+   `SeededMapDataset` loads and maps the sample under RNGs seeded with it (Python, NumPy, torch:
+   Detectron2's augmentations and torchvision's draw from these), whatever process or loader
+   worker runs it.
+3. `DeterministicSteps` (a hook) seeds the RNGs before every step from ``(seed, iteration, rank)``
+   (drop path, MAE masking, RPN/RoI sampling), points the loader at the trainer's start
+   iteration, and stores the seed in the checkpoint, so that a run started with a random seed
+   (``train.seed=-1``) also resumes on its own stream.
+
+The same pieces serve detection (`build_resumable_train_loader`, a drop-in for Detectron2's
+`build_detection_train_loader`) and MAE (`hiera_det.data.image_folder`). `FiniteParametersCheck`
+stops a run before a checkpoint would store non-finite weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from detectron2.data.build import build_batch_data_loader
+from detectron2.data.common import DatasetFromList
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    "DeterministicSteps",
+    "FiniteParametersCheck",
+    "ResumableDataLoader",
+    "ResumableTrainingSampler",
+    "SeededMapDataset",
+    "build_resumable_train_loader",
+    "derive_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+# Domains of derived seeds, so that e.g. epoch 3 and iteration 3 never share a seed.
+_EPOCH, _SAMPLE, _RETRY, _STEP = 1, 2, 3, 4
+
+
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed that is a pure function of `keys` (non-negative ints), well mixed
+    (NumPy's `SeedSequence`), e.g. ``derive_seed(seed, iteration, slot)``."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed Python's, NumPy's and torch's (CPU) global RNGs; restore their states on exit."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def _shared_seed(seed: int | None) -> int:
+    return int(seed) if seed is not None and seed >= 0 else int(comm.shared_random_seed())
+
+
+class ResumableTrainingSampler(Sampler):
+    """Infinite ``(index, sample_seed)`` stream of this process, a pure function of
+    ``(seed, iteration)``; see the module docstring.
+
+    Args:
+        size: dataset length.
+        total_batch_size: images per iteration over all processes (a multiple of their number).
+        seed: shared by all processes; None or < 0: a random one, shared.
+        shuffle: a new permutation each epoch (else ``range(size)`` repeated).
+        group_ids: per image, a group (e.g. 0 = landscape, 1 = portrait): every global batch then
+            holds one group only, filled in stream order (Detectron2's aspect-ratio grouping).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        total_batch_size: int,
+        seed: int | None = None,
+        shuffle: bool = True,
+        group_ids: Sequence[int] | None = None,
+    ):
+        world = comm.get_world_size()
+        if size <= 0:
+            raise ValueError(f"cannot sample from an empty dataset (size={size})")
+        if total_batch_size <= 0 or total_batch_size % world:
+            raise ValueError(
+                f"total_batch_size={total_batch_size} must be a positive multiple of the number "
+                f"of processes ({world})"
+            )
+        if group_ids is not None and len(group_ids) != size:
+            raise ValueError(f"{len(group_ids)} group ids for {size} images")
+        self.size, self.total_batch_size, self.shuffle = size, total_batch_size, shuffle
+        self.group_ids = None if group_ids is None else np.asarray(group_ids)
+        self.seed = _shared_seed(seed)
+        self.start_iter = 0
+        self.batch_size = total_batch_size // world  # per process
+        self._first_slot = comm.get_rank() * self.batch_size
+
+    def set_position(self, seed: int, start_iter: int) -> None:
+        """Produce the batches of iterations ``start_iter, start_iter + 1, ...`` of `seed`'s
+        stream (call before iterating: a DataLoader copies the sampler when iteration starts)."""
+        self.seed, self.start_iter = int(seed), int(start_iter)
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+        return torch.randperm(self.size, generator=g).numpy()
+
+    def _stream(self, position: int) -> Iterator[int]:
+        """The concatenated epochs from `position` on."""
+        epoch, offset = divmod(position, self.size)
+        for e in itertools.count(epoch):
+            yield from self._epoch(e)[offset:].tolist()
+            offset = 0
+
+    def global_batches(self) -> Iterator[list[int]]:
+        """Index lists of the global batches of iterations ``start_iter, start_iter + 1, ...``."""
+        if self.group_ids is None:
+            stream = self._stream(self.start_iter * self.total_batch_size)
+            while True:
+                yield list(itertools.islice(stream, self.total_batch_size))
+        # Grouped batches depend on the whole stream before them: replay it (cheap, no images).
+        buckets: dict[int, list[int]] = {}
+        iteration = 0
+        for index in self._stream(0):
+            bucket = buckets.setdefault(int(self.group_ids[index]), [])
+            bucket.append(index)
+            if len(bucket) == self.total_batch_size:
+                if iteration >= self.start_iter:
+                    yield list(bucket)
+                bucket.clear()
+                iteration += 1
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        slots = range(self._first_slot, self._first_slot + self.batch_size)
+        for iteration, batch in enumerate(self.global_batches(), start=self.start_iter):
+            for slot in slots:
+                yield batch[slot], derive_seed(self.seed, _SAMPLE, iteration, slot)
+
+
+class SeededMapDataset(Dataset):
+    """``dataset[(index, seed)]``: ``map_func(dataset[index])`` under RNGs seeded with `seed`.
+
+    When `map_func` returns None (e.g. `RobustDatasetMapper` skipping an unreadable image),
+    another index drawn from `seed` is tried, so the replacement is reproducible too.
+    """
+
+    def __init__(self, dataset, map_func: Callable | None = None):
+        self.dataset = dataset
+        self.map_func = map_func
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        for attempt in itertools.count():
+            with seeded_rngs(derive_seed(seed, attempt)):
+                data = self.dataset[index]
+                if self.map_func is not None:
+                    data = self.map_func(data)
+            if data is not None:
+                return data
+            index = derive_seed(seed, _RETRY, attempt) % len(self.dataset)
+            if attempt == 2:
+                logger.warning(f"3 samples in a row failed to map (the last index {index})")
+
+
+def aspect_ratio_groups(dataset_dicts: Sequence[dict]) -> list[int]:
+    """0 for landscape (width > height), 1 otherwise: Detectron2's `AspectRatioGroupedDataset`."""
+    return [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
+
+
+class ResumableDataLoader:
+    """An iterable of per-process batches (lists of mapped samples) with `set_position`.
+
+    Built by `build_resumable_train_loader`; ``sampler`` is its `ResumableTrainingSampler`.
+    """
+
+    def __init__(self, loader, sampler: ResumableTrainingSampler):
+        self.loader = loader
+        self.sampler = sampler
+
+    def set_position(self, seed: int, start_iter: int) -> None:
+        self.sampler.set_position(seed, start_iter)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_resumable_train_loader(
+    dataset,
+    *,
+    mapper: Callable | None,
+    total_batch_size: int,
+    aspect_ratio_grouping: bool = True,
+    num_workers: int = 0,
+    seed: int | None = None,
+    collate_fn: Callable | None = None,
+) -> ResumableDataLoader:
+    """Detectron2's `build_detection_train_loader` (same arguments, plus `seed`) made resumable
+    and identical for any number of processes and loader workers; see the module docstring.
+
+    Args:
+        dataset: a list of dataset dicts (e.g. `get_detection_dataset_dicts`) or a map-style
+            dataset; aspect-ratio grouping needs dicts with ``width`` and ``height``.
+        seed: the stream's seed (`DeterministicSteps` sets it from ``train.seed`` / the
+            checkpoint before training); None: a random one, shared by all processes.
+    """
+    if isinstance(dataset, list):
+        groups = aspect_ratio_groups(dataset) if aspect_ratio_grouping else None
+        dataset = DatasetFromList(dataset, copy=False)
+    elif aspect_ratio_grouping:
+        raise ValueError("aspect_ratio_grouping needs a list of dataset dicts with width/height")
+    else:
+        groups = None
+    sampler = ResumableTrainingSampler(len(dataset), total_batch_size, seed, group_ids=groups)
+    loader = build_batch_data_loader(
+        SeededMapDataset(dataset, mapper),
+        sampler,
+        total_batch_size,
+        aspect_ratio_grouping=False,  # done by the sampler, on the global stream
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+    )
+    return ResumableDataLoader(loader, sampler)
+
+
+class DeterministicSteps(HookBase):
+    """Seeds every step from ``(seed, iteration, rank)`` and starts the data stream at the
+    trainer's start iteration; checkpoints the seed. See the module docstring.
+
+    Args:
+        seed: ``train.seed``; None or < 0: a random seed shared by all processes, stored in the
+            checkpoint so that ``--resume`` continues the same stream.
+
+    The trainer's ``data_loader`` should have ``set_position(seed, start_iter)``
+    (`ResumableDataLoader`, the MAE loader); with another loader a resumed run starts a new data
+    stream (logged).
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = None if seed is None or seed < 0 else int(seed)
+
+    def before_train(self) -> None:
+        if self.seed is None:
+            self.seed = _shared_seed(None)
+        loader = self.trainer.data_loader
+        if hasattr(loader, "set_position"):
+            loader.set_position(self.seed, self.trainer.start_iter)
+            logger.info(
+                f"Data stream: seed {self.seed}, starting at iteration {self.trainer.start_iter}"
+            )
+        elif self.trainer.start_iter > 0:
+            logger.warning(
+                f"{type(loader).__name__} cannot start at iteration {self.trainer.start_iter}: "
+                "the resumed run reads a new data stream"
+            )
+
+    def before_step(self) -> None:
+        seed_all_rng(derive_seed(self.seed, _STEP, self.trainer.iter, comm.get_rank()))
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seed = state_dict["seed"]
+
+
+class FiniteParametersCheck(HookBase):
+    """Raise `FloatingPointError` (naming the tensors) when a parameter holds NaN or inf after a
+    step that a checkpoint would save. Register it before the `PeriodicCheckpointer`: the last
+    good checkpoint then stays the last one.
+
+    (A non-finite *loss* already stops Detectron2's trainer before the optimizer step; this
+    catches a finite loss whose update overflowed.)
+
+    Args:
+        period: the checkpoint period; the check also runs after the last iteration.
+    """
+
+    def __init__(self, period: int):
+        self.period = period
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if next_iter % self.period and next_iter != self.trainer.max_iter:
+            return
+        model = self.trainer.model
+        params = [(n, p) for n, p in model.named_parameters()]
+        finite = torch.stack([p.detach().isfinite().all() for _, p in params]).cpu()
+        if bool(finite.all()):
+            return
+        bad = [n for (n, _), ok in zip(params, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"after iteration {self.trainer.iter} {len(bad)} parameters hold NaN or inf (e.g. "
+            f"{', '.join(bad[:5])}); training stopped without writing this checkpoint. Resume "
+            "from the last one with a lower learning rate or stronger gradient clipping."
+        )

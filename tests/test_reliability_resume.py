@@ -1,0 +1,212 @@
+"""Resumable data stream, per-step seeding and the checkpoint guards (hiera_det.engine.resume),
+in process. End-to-end kill/resume runs of train_net.py are in test_reliability_train.py."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from detectron2.engine import SimpleTrainer, hooks
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.engine.resume import (
+    DeterministicSteps,
+    FiniteParametersCheck,
+    ResumableTrainingSampler,
+    SeededMapDataset,
+    build_resumable_train_loader,
+)
+
+
+def _take(iterable, n):
+    return list(itertools.islice(iterable, n))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sampler_starts_anywhere_in_the_same_stream(grouped):
+    groups = [i % 3 == 0 for i in range(10)] if grouped else None
+    full = ResumableTrainingSampler(10, 4, seed=7, group_ids=groups)
+    stream = _take(full, 4 * 9)  # 9 iterations: several epochs of 10 images
+    for start in (1, 2, 5, 8):
+        resumed = ResumableTrainingSampler(10, 4, seed=0, group_ids=groups)
+        resumed.set_position(7, start)
+        assert _take(resumed, 4 * (9 - start)) == stream[4 * start :]
+    indices = [i for i, _ in stream]
+    assert sorted(indices[:8]) != sorted(range(8))  # shuffled
+    if grouped:
+        for b in range(9):
+            assert len({groups[i] for i in indices[4 * b : 4 * b + 4]}) == 1
+    else:
+        assert sorted(indices[:10]) == list(range(10))  # the first epoch is a permutation
+    assert len({s for _, s in stream}) == len(stream)  # a distinct seed per sample
+    other = ResumableTrainingSampler(10, 4, seed=8, group_ids=groups)
+    assert _take(other, 8) != stream[:8]
+
+
+def test_sampler_shards_global_batches_over_processes():
+    single = _take(ResumableTrainingSampler(13, 6, seed=3), 6 * 5)
+    shards = []
+    for rank in range(3):
+        with (
+            mock.patch("detectron2.utils.comm.get_world_size", return_value=3),
+            mock.patch("detectron2.utils.comm.get_rank", return_value=rank),
+        ):
+            shards.append(_take(ResumableTrainingSampler(13, 6, seed=3), 2 * 5))
+    merged = [shards[r][2 * b + j] for b in range(5) for r in range(3) for j in range(2)]
+    assert merged == single  # same images and sample seeds per step: any world size
+
+
+def test_sampler_rejects_a_batch_that_does_not_split():
+    with (
+        mock.patch("detectron2.utils.comm.get_world_size", return_value=4),
+        pytest.raises(ValueError, match="multiple of the number of processes"),
+    ):
+        ResumableTrainingSampler(10, 6, seed=0)
+
+
+def _augmented(d):
+    """A mapper using NumPy's and torch's global RNGs, as Detectron2's augmentations do."""
+    image = np.full((8, 8, 3), d["value"], np.uint8)
+    transform = T.RandomFlip(prob=0.5).get_transform(image)
+    return {"value": d["value"], "flip": type(transform).__name__, "noise": float(torch.rand(1))}
+
+
+def _skip_odd(d):
+    return None if d["value"] % 2 else _augmented(d)
+
+
+def test_seeded_map_dataset_is_a_function_of_the_seed():
+    dicts = [{"value": v, "width": 8, "height": 8} for v in range(6)]
+    ds = SeededMapDataset(dicts, _augmented)
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    a = [ds[(i, 100 + i)] for i in range(6)]
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+    assert [ds[(i, 100 + i)] for i in reversed(range(6))] == list(reversed(a))
+    assert ds[(0, 1)] != ds[(0, 2)] or ds[(0, 1)] != ds[(0, 3)]
+    skipping = SeededMapDataset(dicts, _skip_odd)
+    replaced = [skipping[(1, s)]["value"] for s in range(20)]
+    assert all(v % 2 == 0 for v in replaced) and len(set(replaced)) > 1
+    assert replaced == [skipping[(1, s)]["value"] for s in range(20)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_batches_do_not_depend_on_workers_or_restarts(num_workers):
+    dicts = [{"value": v, "width": 8 + v % 2, "height": 8} for v in range(11)]
+    reference = build_resumable_train_loader(
+        dicts, mapper=_augmented, total_batch_size=3, num_workers=0, seed=5
+    )
+    expected = _take(reference, 6)
+    loader = build_resumable_train_loader(
+        dicts, mapper=_augmented, total_batch_size=3, num_workers=num_workers, seed=1
+    )
+    loader.set_position(5, 2)
+    assert _take(loader, 4) == expected[2:]
+    assert all(len({d["value"] % 2 for d in batch}) == 1 for batch in expected)  # grouped
+
+
+class _NaNGradient(torch.autograd.Function):
+    """0 forward, NaN gradient backward: an update that overflows with a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full((1, 2), float("nan"))
+
+
+class _Toy(nn.Module):
+    """A linear model whose loss becomes NaN at `nan_loss_at`, or whose weight becomes NaN after
+    the step of `nan_weight_at` (a finite loss with an overflowing update)."""
+
+    def __init__(self, nan_loss_at=None, nan_weight_at=None):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+        self.nan_loss_at, self.nan_weight_at = nan_loss_at, nan_weight_at
+        self.calls = 0
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = self.linear(torch.stack(batch)).pow(2).mean() + 0.01 * torch.rand(())
+        if self.calls - 1 == self.nan_loss_at:
+            loss = loss * float("nan")
+        if self.calls - 1 == self.nan_weight_at:
+            loss = loss + _NaNGradient.apply(self.linear.weight)  # finite loss, NaN gradient
+        return {"loss": loss}
+
+
+def _train(tmp_path, model, max_iter, period=2, seed=3):
+    tmp_path.mkdir(exist_ok=True)
+    data = itertools.cycle([[torch.ones(2), torch.zeros(2)]])
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+    checkpointer = HieraCheckpointer(model, str(tmp_path), trainer=trainer)
+    trainer.register_hooks(
+        [
+            DeterministicSteps(seed),
+            FiniteParametersCheck(period),
+            hooks.PeriodicCheckpointer(checkpointer, period),
+        ]
+    )
+    trainer.train(0, max_iter)
+    return trainer
+
+
+def _last_checkpoint(tmp_path) -> str:
+    return (tmp_path / "last_checkpoint").read_text().strip()
+
+
+def test_nonfinite_loss_stops_before_the_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=5"):
+        _train(tmp_path, _Toy(nan_loss_at=5), max_iter=10)
+    assert _last_checkpoint(tmp_path) == "model_0000003.pth"
+    saved = torch.load(tmp_path / "model_0000003.pth", weights_only=False)
+    assert saved["iteration"] == 3 and all(v.isfinite().all() for v in saved["model"].values())
+    assert not (tmp_path / "model_0000005.pth").exists()
+
+
+def test_nonfinite_weights_stop_before_the_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match="after iteration 5 .*linear.weight"):
+        _train(tmp_path, _Toy(nan_weight_at=5), max_iter=10)
+    assert _last_checkpoint(tmp_path) == "model_0000003.pth"
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000003.pth",
+    ]
+
+
+def test_steps_are_seeded_by_iteration_and_the_seed_is_checkpointed(tmp_path):
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.draws = []
+
+        def forward(self, batch):
+            self.draws.append(float(torch.rand(())))
+            return {"loss": self.w**2}
+
+    first = Recorder()
+    with EventStorage():
+        trainer = _train(tmp_path / "a", first, max_iter=6, seed=-1)
+    seed = trainer.state_dict()["hooks"]["DeterministicSteps"]["seed"]
+    assert seed >= 0
+    # Resume from iteration 3 with another configured seed: the checkpointed one wins.
+    resumed = Recorder()
+    data = itertools.cycle([[torch.ones(2)]])
+    trainer = SimpleTrainer(resumed, data, torch.optim.SGD(resumed.parameters(), lr=0.1))
+    trainer.register_hooks([DeterministicSteps(seed=99)])
+    HieraCheckpointer(resumed, str(tmp_path / "a"), trainer=trainer).load(
+        str(tmp_path / "a" / "model_0000003.pth")
+    )
+    trainer.train(4, 6)
+    assert resumed.draws == first.draws[4:]
