@@ -33,6 +33,16 @@ DATASET = "vitdet_hiera_test_shapes"
 NUM_CLASSES = 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more intra-op threads, and on a busy machine threads that
+    wait for each other make small ops many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def load(path: Path):
     return LazyConfig.load(str(path))
 
