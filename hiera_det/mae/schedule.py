@@ -25,7 +25,7 @@ def resolve_epoch_schedule(cfg, num_images: int | None = None):
        (a short run keeps the schedule's shape: the scheduler below is in fractions of training);
     3. ``lr_multiplier.warmup_length = warmup_epochs / epochs``;
     4. ``optimizer.lr = base_lr * total_batch_size / base_batch_size`` (linear scaling rule);
-    5. ``train.checkpointer.period = checkpoint_epochs * iters_per_epoch``.
+    5. ``train.checkpointer.period = checkpoint_epochs * iters_per_epoch``, unless set.
     """
     train = cfg.train
     epochs = train.get("epochs")
@@ -45,7 +45,7 @@ def resolve_epoch_schedule(cfg, num_images: int | None = None):
     cfg.lr_multiplier.warmup_length = warmup_epochs / epochs
     if train.get("base_lr") is not None:
         cfg.optimizer.lr = train.base_lr * batch / train.get("base_batch_size", 256)
-    if train.get("checkpoint_epochs") is not None:
+    if train.checkpointer.get("period") is None and train.get("checkpoint_epochs") is not None:
         train.checkpointer.period = max(1, round(train.checkpoint_epochs * iters_per_epoch))
     logger.info(
         f"Epoch schedule: {num_images} images // batch {batch} = {iters_per_epoch} iterations per "
