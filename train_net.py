@@ -40,6 +40,7 @@ from detectron2.utils import comm
 
 from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
+from hiera_det.mae import resolve_epoch_schedule
 
 logger = logging.getLogger("detectron2")
 
@@ -138,6 +139,8 @@ def main(args) -> dict | None:
         model = create_ddp_model(model)
         HieraCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
+    # MAE configs give epochs: set train.max_iter, warm-up and lr from the image count (else no-op).
+    resolve_epoch_schedule(cfg)
     do_train(args, cfg)
     return None
 
