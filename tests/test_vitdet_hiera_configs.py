@@ -101,8 +101,8 @@ def shrink_backbone(cfg) -> None:
     net = backbone.bottom_up if "bottom_up" in backbone else backbone.net
     target = net._target_
     if target in (Hiera, build_hiera):
-        # Mask unit (stages 1-2), 7x7-unit windows (stage 3, zero padded at 128 px), global
-        # (block 3 and stage 4).
+        # Mask unit attention (stages 1-2), the config's stage-3 windows (zero padded at 128 px),
+        # global attention (block 3 and stage 4).
         net.update(embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_blocks=[3])
     elif target is ViT:
         net.update(img_size=IMAGE_SIZE, embed_dim=32, depth=2, num_heads=2)
