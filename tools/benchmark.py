@@ -77,8 +77,11 @@ def build(spec: str, task: str, opts: list[str]):
 
     cfg = load_config(spec, opts)
     model = instantiate(cfg.model)
-    if hasattr(model, "roi_heads"):
-        model.roi_heads.box_predictor.test_score_thresh = 0.0
+    heads = getattr(model, "roi_heads", None)
+    # Cascade heads hold one predictor per stage (only the last one's threshold is used).
+    for predictor in getattr(heads, "box_predictors", [getattr(heads, "box_predictor", None)]):
+        if predictor is not None:
+            predictor.test_score_thresh = 0.0
     if task == "backbone":
         backbone = model.backbone
         net = getattr(backbone, "bottom_up", None) or getattr(backbone, "net", None) or backbone
