@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -37,9 +37,13 @@ from detectron2.engine import (
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.config_check import load_config
 from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
+from hiera_det.data.robust import validate_datasets
+from hiera_det.engine.resume import DeterministicSteps, FiniteParametersCheck
 from hiera_det.mae import resolve_epoch_schedule
 
 logger = logging.getLogger("detectron2")
@@ -79,6 +83,10 @@ def do_train(args, cfg) -> None:
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            # Same data and random draws per iteration after --resume (docs/reliability.md).
+            DeterministicSteps(cfg.train.seed),
+            # Before the checkpointer: a step that made weights non-finite writes no checkpoint.
+            FiniteParametersCheck(cfg.train.checkpointer.period),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
             # Evaluates every eval_period iterations (if > 0) and after the last one.
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
@@ -112,6 +120,7 @@ def choose_device(cfg) -> None:
             cfg.train.amp.enabled = False
         if "ddp" in cfg.train:
             cfg.train.ddp.fp16_compression = False
+            cfg.train.ddp.device_ids = None  # DDP of a CPU module takes no device ids
 
 
 def check_datasets(cfg, eval_only: bool) -> None:
@@ -121,13 +130,16 @@ def check_datasets(cfg, eval_only: bool) -> None:
         dataset = cfg.dataloader.get(key, {}).get("dataset", {})
         if "names" in dataset:
             check_dataset_files(dataset.names)
+            validate_datasets(dataset.names)  # stops on inconsistent annotations, reports skips
 
 
 def main(args) -> dict | None:
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_config(args.config_file, args.opts)  # fails on unknown keys and wrong types
     apply_dataset_config(cfg)  # before default_setup saves the config: dataset names, classes
     default_setup(cfg, args)
+    # hiera_det's messages (skipped images, dataset reports, data stream) in log.txt too; they
+    # still propagate to the root logger (setup_logger turns that off), e.g. for pytest's caplog.
+    setup_logger(cfg.train.output_dir, comm.get_rank(), name="hiera_det").propagate = True
     choose_device(cfg)
     check_datasets(cfg, args.eval_only)
 
@@ -136,7 +148,7 @@ def main(args) -> dict | None:
             raise ValueError(f"{args.config_file} has no dataloader.test/evaluator to evaluate")
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = create_ddp_model(model, **cfg.train.ddp)
         HieraCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     # MAE configs give epochs: set train.max_iter, warm-up and lr from the image count (else no-op).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,24 @@ def test_missing_config_file_suggests_close_names():
         load_config(str(ROOT / "configs/mask_rcnn_hiera_bb.py"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(str(ROOT / "nowhere/x.py"))
+
+
+def test_train_net_rejects_a_typo_before_building_anything(tmp_path):
+    """End to end: the error reaches the user as one message, before any model is built."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train_net.py"),
+            "--config-file",
+            CONFIG,
+            "train.max_itr=10",
+            f"train.output_dir={tmp_path}",
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "unknown config key 'train.max_itr'" in result.stderr
+    assert "Did you mean 'train.max_iter'" in result.stderr

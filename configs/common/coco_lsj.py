@@ -14,9 +14,17 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from hiera_det.data.robust import RobustDatasetMapper
+from hiera_det.engine.resume import build_resumable_train_loader
+
 image_size = 1024
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+# Same arguments as Detectron2's: a loader that --resume continues exactly (and that gives the same
+# batches on any number of processes), and a mapper that skips unreadable images with a message
+# and reads 16-bit, gray and RGBA images (docs/reliability.md).
+dataloader.train._target_ = build_resumable_train_loader
+dataloader.train.mapper._target_ = RobustDatasetMapper
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
     L(T.ResizeScale)(

@@ -4,9 +4,9 @@
 order (ImageNet's ``train/<class>/<image>.JPEG`` layout works as is). `ImageFolder` reads them; an
 image that cannot be read or decoded is *reported by path* and replaced by the next readable one in
 the list, so an epoch never stops on a bad file. `build_mae_train_loader` is the Detectron2-style
-training loader: an infinite `TrainingSampler` stream sharded over processes (so `launch` works on
-many GPUs and machines), batches of normalised ``[B, 3, S, S]`` tensors, and a running count of
-skipped files in the log.
+training loader: an infinite stream sharded over processes (so `launch` works on many GPUs and
+machines) that ``--resume`` continues exactly (`hiera_det.engine.resume`), batches of normalised
+``[B, 3, S, S]`` tensors, and a running count of skipped files in the log.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from detectron2.data.build import worker_init_reset_seed
-from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
+
+from ..engine.resume import ResumableTrainingSampler, SeededMapDataset, preserved_rngs
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -163,10 +164,14 @@ class MAETrainLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_skipped = 0
+        # Resumable: batch i and its augmentations are a function of (seed, i) and the same for
+        # any number of processes and workers (hiera_det.engine.resume).
+        total_batch_size = batch_size * comm.get_world_size()
+        self.sampler = ResumableTrainingSampler(len(dataset), total_batch_size, seed)
         self.loader = torch.utils.data.DataLoader(
-            dataset,
+            SeededMapDataset(dataset),
             batch_size=batch_size,
-            sampler=TrainingSampler(len(dataset), shuffle=True, seed=seed),
+            sampler=self.sampler,
             num_workers=num_workers,
             collate_fn=_collate,
             worker_init_fn=worker_init_reset_seed,
@@ -175,8 +180,14 @@ class MAETrainLoader:
             persistent_workers=num_workers > 0,
         )
 
+    def set_position(self, seed: int, start_iter: int) -> None:
+        """Produce the batches of iterations ``start_iter, ...`` of `seed`'s stream (`--resume`)."""
+        self.sampler.set_position(seed, start_iter)
+
     def __iter__(self):
-        for images, skipped in self.loader:
+        with preserved_rngs():  # creating the iterator draws from torch's RNG (see resume.py)
+            batches = iter(self.loader)
+        for images, skipped in batches:
             for what in skipped:
                 self.num_skipped += 1
                 logger.warning(

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from detectron2.data.build import build_batch_data_loader
+from detectron2.data.build import build_batch_data_loader, build_detection_train_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -52,6 +52,8 @@ __all__ = [
     "SeededMapDataset",
     "build_resumable_train_loader",
     "derive_seed",
+    "preserved_rngs",
+    "seeded_rngs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,18 +69,25 @@ def derive_seed(*keys: int) -> int:
 
 
 @contextlib.contextmanager
-def seeded_rngs(seed: int):
-    """Seed Python's, NumPy's and torch's (CPU) global RNGs; restore their states on exit."""
+def preserved_rngs():
+    """Restore Python's, NumPy's and torch's (CPU) global RNG states on exit."""
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed Python's, NumPy's and torch's (CPU) global RNGs; restore their states on exit."""
+    with preserved_rngs():
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        yield
 
 
 def _shared_seed(seed: int | None) -> int:
@@ -213,7 +222,10 @@ class ResumableDataLoader:
         self.sampler.set_position(seed, start_iter)
 
     def __iter__(self):
-        return iter(self.loader)
+        # A DataLoader iterator draws its workers' base seed from torch's global RNG when created:
+        # at the first step of a run, which a resumed run does not share with the original one.
+        with preserved_rngs():
+            return iter(self.loader)
 
 
 def build_resumable_train_loader(
@@ -225,7 +237,8 @@ def build_resumable_train_loader(
     num_workers: int = 0,
     seed: int | None = None,
     collate_fn: Callable | None = None,
-) -> ResumableDataLoader:
+    sampler: Sampler | None = None,
+):
     """Detectron2's `build_detection_train_loader` (same arguments, plus `seed`) made resumable
     and identical for any number of processes and loader workers; see the module docstring.
 
@@ -234,7 +247,20 @@ def build_resumable_train_loader(
             dataset; aspect-ratio grouping needs dicts with ``width`` and ``height``.
         seed: the stream's seed (`DeterministicSteps` sets it from ``train.seed`` / the
             checkpoint before training); None: a random one, shared by all processes.
+        sampler: another sampler (e.g. LVIS's `RepeatFactorTrainingSampler`): then this is
+            Detectron2's `build_detection_train_loader`, not resumable (a resumed run logs that it
+            reads a new data stream).
     """
+    if sampler is not None:
+        return build_detection_train_loader(
+            dataset,
+            mapper=mapper,
+            sampler=sampler,
+            total_batch_size=total_batch_size,
+            aspect_ratio_grouping=aspect_ratio_grouping,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+        )
     if isinstance(dataset, list):
         groups = aspect_ratio_groups(dataset) if aspect_ratio_grouping else None
         dataset = DatasetFromList(dataset, copy=False)
