@@ -152,7 +152,7 @@ def _keys_near(cfg, key: str) -> list[str]:
                 walk(v, name + ".", depth + 1)
 
     walk(cfg, "", 0)
-    return difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    return difflib.get_close_matches(key, candidates, n=2, cutoff=0.8)
 
 
 def check_overrides(cfg, overrides: Sequence[str], new_roots: Sequence[str] = ("dataset",)) -> None:
@@ -171,7 +171,7 @@ def check_overrides(cfg, overrides: Sequence[str], new_roots: Sequence[str] = ("
             message = f"unknown config key {key!r} in the override {line!r}."
             near = _keys_near(cfg, key)
             if params is not None:
-                near += [f"{parent_key}.{n}" for n in difflib.get_close_matches(name, params[0])]
+                near += [f"{parent_key}.{n}" for n in difflib.get_close_matches(name, params[0], 2)]
             if near:
                 message += f" Did you mean {' or '.join(repr(n) for n in dict.fromkeys(near))}?"
             if params is not None:

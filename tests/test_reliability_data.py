@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.data.datasets import load_coco_json
@@ -266,3 +267,58 @@ def test_mapper_reads_16bit_and_gray_images(coco):
     image = mapper(dicts[0])["image"]
     assert image.shape == (3, *rgb.shape[:2])
     assert (image[0] == image[2]).all() and (image[1].numpy() == rgb[..., 1]).all()
+
+
+# --- prediction ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    """A small Detectron2 Mask R-CNN (R18-FPN, random weights) behind `RobustPredictor`."""
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    from hiera_det.data.robust import RobustPredictor
+
+    cfg = get_cfg()
+    cfg.merge_from_file(
+        model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    )
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96
+    cfg.INPUT.FORMAT = "RGB"
+    return RobustPredictor(cfg)
+
+
+def test_predictor_takes_every_image_mode_and_size(predictor, tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "gray16.png"), rng.integers(0, 65536, (50, 40), dtype=np.uint16))
+    Image.fromarray(np.dstack([rgb, rgb[..., 0]])).save(tmp_path / "rgba.png")
+    inputs = {
+        "rgb": rgb,
+        "gray": rgb[..., 0],
+        "gray [H,W,1]": rgb[..., :1],
+        "rgba": np.dstack([rgb, rgb[..., 0]]),
+        "16-bit": rgb.astype(np.uint16) * 257,
+        "float": rgb / 255.0,
+        "tiny 8x8": rgb[:8, :8],
+        "1x1": rgb[:1, :1],
+        "very large 3000x4000": np.zeros((3000, 4000), np.uint8),
+        "file 16-bit gray": str(tmp_path / "gray16.png"),
+        "file rgba": str(tmp_path / "rgba.png"),
+    }
+    for what, image in inputs.items():
+        instances = predictor(image)["instances"]
+        shape = (
+            cv2.imread(image, cv2.IMREAD_UNCHANGED).shape if isinstance(image, str) else image.shape
+        )
+        assert instances.image_size == shape[:2], what
+    # The same picture as gray uint8, gray uint16 and gray float gives the same input.
+    gray = rgb[..., 1]
+    a = predictor(gray)["instances"].scores
+    for same in (gray.astype(np.uint16) * 257, gray / 255.0, np.repeat(gray[..., None], 3, 2)):
+        assert torch.equal(predictor(same)["instances"].scores, a)
