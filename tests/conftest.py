@@ -101,3 +101,15 @@ def shrink_overrides(image_size: int = 128) -> list[str]:
         "train.init_checkpoint=''",
         "train.device=cpu",
     ]
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread: tiny models gain nothing from more, and on a busy
+    machine OpenMP threads that wait for each other make small ops many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

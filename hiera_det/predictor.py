@@ -1,0 +1,99 @@
+"""Detectron2's `DefaultPredictor` (and other yacs-based tools) for a LazyConfig model.
+
+`DefaultPredictor(cfg)` takes a yacs `CfgNode` and builds the model with
+``build_model(cfg)`` = ``META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)``. We register one
+meta-architecture, ``LazyConfigModel``, that instantiates ``model`` of the LazyConfig named in the
+CfgNode, so the LazyConfig stays the only definition of the model. `predictor_cfg` fills the few
+yacs keys the predictor reads (weights, device, input format, test resize) from the same LazyConfig:
+
+    from detectron2.engine import DefaultPredictor
+    from hiera_det import predictor_cfg
+
+    cfg = predictor_cfg("output/config.yaml", "output/model_final.pth")
+    instances = DefaultPredictor(cfg)(bgr_image)["instances"]
+
+The config may be a config file (``configs/mask_rcnn_hiera_b.py`` + `opts`) or the
+``config.yaml`` that train_net.py saves next to its checkpoints (it includes the command-line
+overrides, e.g. the number of classes of a custom dataset). `DefaultPredictor` loads the weights
+with Detectron2's `DetectionCheckpointer`: give it a detector checkpoint written by train_net.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+__all__ = ["LazyConfigModel", "predictor_cfg"]
+
+
+def _load(config_file: str, opts: Sequence[str]):
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    cfg = LazyConfig.load(config_file)
+    return LazyConfig.apply_overrides(cfg, list(opts))
+
+
+@META_ARCH_REGISTRY.register()
+def LazyConfigModel(cfg: CfgNode) -> nn.Module:  # noqa: N802 -- the registry key is this name
+    """Build ``model`` of the LazyConfig ``cfg.LAZY_CONFIG.FILE`` with ``cfg.LAZY_CONFIG.OPTS``."""
+    return instantiate(_load(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
+
+
+def _test_resize(lazy, config_file: str) -> tuple[int, int]:
+    """(shortest edge, longest edge cap) of the test loader's `ResizeShortestEdge`."""
+    try:
+        augs = lazy.dataloader.test.mapper.augmentations
+    except (AttributeError, KeyError):
+        augs = None
+    if augs is None:
+        raise ValueError(f"{config_file}: no dataloader.test.mapper.augmentations to resize with")
+    for aug in augs:
+        target = aug.get("_target_")
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if name.endswith("ResizeShortestEdge"):
+            short = aug.short_edge_length
+            if not isinstance(short, int):  # a list/range: the predictor needs one size
+                short = max(short)
+            return int(short), int(aug.get("max_size", 0) or 0)
+    raise ValueError(
+        f"{config_file}: dataloader.test.mapper.augmentations has no ResizeShortestEdge "
+        f"({[a.get('_target_') for a in augs]}); DefaultPredictor can only resize that way"
+    )
+
+
+def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> CfgNode:
+    """A yacs config for `DefaultPredictor` that runs the model of a LazyConfig.
+
+    Args:
+        config_file: a LazyConfig (``.py``, or the ``config.yaml`` saved by train_net.py).
+        weights: a detector checkpoint (path or URL), e.g. ``output/model_final.pth``.
+        opts: LazyConfig overrides, ``["key=value", ...]``, as on train_net.py's command line.
+    Returns:
+        A frozen `CfgNode`: ``MODEL.META_ARCHITECTURE="LazyConfigModel"``, ``MODEL.WEIGHTS``,
+        ``MODEL.DEVICE`` (cuda if available), ``INPUT.FORMAT`` and ``INPUT.{MIN,MAX}_SIZE_TEST``
+        from the LazyConfig's model and test loader, ``DATASETS.TEST`` (for metadata),
+        ``LAZY_CONFIG.{FILE,OPTS}``.
+    """
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    lazy = _load(config_file, opts)
+    short, longest = _test_resize(lazy, config_file)
+
+    cfg = get_cfg()
+    cfg.LAZY_CONFIG = CfgNode({"FILE": os.path.abspath(config_file), "OPTS": list(opts)})
+    cfg.MODEL.META_ARCHITECTURE = "LazyConfigModel"
+    cfg.MODEL.WEIGHTS = weights
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.INPUT.FORMAT = lazy.model.get("input_format", "BGR")
+    cfg.INPUT.MIN_SIZE_TEST = short
+    # The test resize caps the longest edge so that every image fits the model's square pad.
+    cfg.INPUT.MAX_SIZE_TEST = longest or 1_000_000
+    names = lazy.dataloader.test.dataset.get("names", ())
+    cfg.DATASETS.TEST = (names,) if isinstance(names, str) else tuple(names)
+    cfg.freeze()
+    return cfg

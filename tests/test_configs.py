@@ -1,0 +1,158 @@
+"""Every Mask R-CNN config: the paper's recipe is what it says, and it loads, saves, shrinks, trains
+one step and predicts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shrink_overrides
+from detectron2.config import LazyConfig, instantiate
+from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
+from detectron2.structures import Instances
+from detectron2.utils.events import EventStorage
+
+from hiera_det.data.datasets import apply_dataset_config
+from hiera_det.modeling import HIERA_SIZES, Hiera
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# config suffix -> (Hiera size, drop path, lr); B, B+ and L are Table 15, T, S and H ours.
+RECIPES = {
+    "t": ("tiny", 0.1, 3.5e-5),
+    "s": ("small", 0.1, 3.5e-5),
+    "b": ("base", 0.2, 3.5e-5),
+    "b_plus": ("base_plus", 0.2, 3.5e-5),
+    "l": ("large", 0.4, 3e-5),
+    "h": ("huge", 0.5, 3e-5),
+}
+TABLE_10_PARAMS = {"b": 73e6, "b_plus": 92e6, "l": 236e6}
+
+
+def load(suffix: str, overrides=()):
+    cfg = LazyConfig.load(str(CONFIGS / f"mask_rcnn_hiera_{suffix}.py"))
+    return LazyConfig.apply_overrides(cfg, list(overrides))
+
+
+def target_name(node) -> str:
+    target = node._target_
+    return target if isinstance(target, str) else target.__name__
+
+
+def test_one_config_per_size():
+    found = {p.stem.removeprefix("mask_rcnn_hiera_") for p in CONFIGS.glob("mask_rcnn_hiera_*.py")}
+    assert found == set(RECIPES)
+    assert {size for size, _, _ in RECIPES.values()} == set(HIERA_SIZES)
+
+
+@pytest.mark.parametrize("suffix", RECIPES)
+def test_recipe(suffix):
+    size, drop_path, lr = RECIPES[suffix]
+    cfg = load(suffix)
+    hiera = cfg.model.backbone.bottom_up
+    assert (hiera.size, hiera.drop_path_rate, cfg.optimizer.lr) == (size, drop_path, lr)
+    assert cfg.train.init_checkpoint.endswith(f"/hiera/mae_hiera_{size}_224.pth")
+    # Attention: stage 3 windowed with global blocks inside stage 3 only.
+    stages = HIERA_SIZES[size]["stages"]
+    stage3 = range(sum(stages[:2]), sum(stages[:3]))
+    assert list(hiera.stage_windows) == [1, 1, 8, 0]
+    assert len(set(hiera.global_blocks)) == 4 and all(b in stage3 for b in hiera.global_blocks)
+    assert hiera.global_blocks[-1] == stage3[-1]
+    # Table 15 and ViTDet's 100-epoch schedule.
+    assert cfg.dataloader.train.total_batch_size == 64
+    assert tuple(cfg.optimizer.betas) == (0.9, 0.999) and cfg.optimizer.weight_decay == 0.1
+    assert cfg.optimizer.params.weight_decay_norm == 0.0
+    assert cfg.optimizer.params.get("lr_factor_func") is None  # no layer-wise decay
+    assert cfg.train.max_iter == 184375
+    assert list(cfg.lr_multiplier.scheduler.milestones) == [163889, 177546]
+    assert cfg.lr_multiplier.warmup_length * cfg.train.max_iter == pytest.approx(250)
+    assert cfg.lr_multiplier.warmup_factor == 0.001
+    assert cfg.train.amp.enabled
+    # LSJ at 1024, test at 1024.
+    flip, scale, crop = cfg.dataloader.train.mapper.augmentations
+    assert target_name(flip) == "RandomFlip" and flip.horizontal
+    assert (scale.min_scale, scale.max_scale, scale.target_height) == (0.1, 2.0, 1024)
+    assert tuple(crop.crop_size) == (1024, 1024)
+    (resize,) = cfg.dataloader.test.mapper.augmentations
+    assert (resize.short_edge_length, resize.max_size) == (1024, 1024)
+    assert cfg.model.backbone.square_pad == 1024 and cfg.model.backbone.norm == "LN"
+    # Heads: RPN 2 conv + LN, box 4 conv (LN) + 1 fc, mask 4 conv (LN) + deconv.
+    head = cfg.model.proposal_generator.head
+    assert (target_name(head), len(head.conv_dims), head.conv_norm) == ("ConvNormRPNHead", 2, "LN")
+    box = cfg.model.roi_heads.box_head
+    assert (len(box.conv_dims), list(box.fc_dims), box.conv_norm) == (4, [1024], "LN")
+    mask = cfg.model.roi_heads.mask_head
+    assert (len(mask.conv_dims), mask.conv_norm) == (5, "LN")
+
+
+@pytest.mark.parametrize("suffix", TABLE_10_PARAMS)
+def test_parameters_match_table_10(suffix, monkeypatch):
+    # Only shapes matter here: skip the (slow) random initialisation of 73M-236M parameters.
+    for name in dir(torch.nn.init):
+        if name.endswith("_") and not name.startswith("_"):
+            monkeypatch.setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    model = instantiate(load(suffix).model)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == pytest.approx(TABLE_10_PARAMS[suffix], rel=0.02)
+    # The stored position table stays at pretraining size (resized at run time).
+    assert model.backbone.bottom_up.pos_embed.shape[1] == 56 * 56
+
+
+@pytest.mark.parametrize("suffix", RECIPES)
+def test_shrinks_saves_trains_and_predicts(suffix, tiny_coco, tmp_path):
+    cfg = load(suffix, shrink_overrides(128))
+    cfg.dataset = {
+        "train": [f"tiny_cfg_{suffix}", tiny_coco.json_file, tiny_coco.image_root],
+        "test": [f"tiny_cfg_{suffix}", tiny_coco.json_file, tiny_coco.image_root],
+    }
+    apply_dataset_config(cfg)
+    assert cfg.model.roi_heads.num_classes == tiny_coco.num_classes
+    # What Detectron2's default_setup does: save the config. It must round-trip (no lambdas).
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    assert not (tmp_path / "config.yaml.pkl").exists()
+    cfg = LazyConfig.load(str(tmp_path / "config.yaml"))
+
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    assert isinstance(model.backbone.bottom_up, Hiera)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    instantiate(cfg.lr_multiplier)
+    batch = next(iter(instantiate(cfg.dataloader.train)))
+    assert all(tuple(d["image"].shape[1:]) <= (128, 128) for d in batch)
+
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    assert set(losses) >= {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    optimizer.zero_grad()
+    total.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters without a gradient (DDP would fail): {unused[:5]}"
+    before = model.backbone.bottom_up.blocks[0].attn.qkv.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model.backbone.bottom_up.blocks[0].attn.qkv.weight)
+
+    model.eval()
+    inputs = next(iter(instantiate(cfg.dataloader.test)))
+    with torch.no_grad():
+        (out,) = model(inputs)
+    assert isinstance(out["instances"], Instances)
+    assert out["instances"].image_size == (inputs[0]["height"], inputs[0]["width"])
+
+
+def test_no_weight_decay_on_norms_and_position_table():
+    cfg = load("b", shrink_overrides(128))
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    decay = {}
+    for group in instantiate(cfg.optimizer).param_groups:
+        for p in group["params"]:
+            decay[id(p)] = group["weight_decay"]
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            norm = isinstance(module, (torch.nn.LayerNorm, ChannelsFirstLayerNorm))
+            expected = 0.0 if norm or pname.startswith("pos_embed") else 0.1
+            assert decay[id(p)] == expected, f"{name}.{pname}"

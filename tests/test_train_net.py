@@ -1,0 +1,118 @@
+"""train_net.py end to end on a tiny COCO-format dataset: train, resume, evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shrink_overrides
+from detectron2.engine import default_argument_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_net  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def arguments(tiny_coco, out: Path, *extra: str) -> list[str]:
+    data = f"{tiny_coco.json_file},{tiny_coco.image_root}"
+    return [
+        "--config-file",
+        str(ROOT / "configs/mask_rcnn_hiera_t.py"),
+        *shrink_overrides(128),
+        f"dataset.train=[tiny_train_net,{data}]",
+        f"dataset.test=[tiny_train_net,{data}]",
+        f"train.output_dir={out}",
+        "train.log_period=1",
+        "train.checkpointer.period=2",
+        "train.eval_period=0",  # evaluate after the last iteration only
+        *extra,
+    ]
+
+
+def iterations(out: Path) -> list[int]:
+    lines = (out / "metrics.json").read_text().splitlines()
+    return [json.loads(line)["iteration"] for line in lines if '"total_loss"' in line]
+
+
+def test_train_resume_evaluate(tiny_coco, tmp_path):
+    out = tmp_path / "out"
+    # 1. Train 2 iterations from the command line (argument parsing, launch, CPU fallback).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "train_net.py", *arguments(tiny_coco, out, "train.max_iter=2")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert iterations(out) == [0, 1]
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 1
+    assert (out / "config.yaml").is_file()
+    log = (out / "log.txt").read_text()
+    assert "training in fp32 on the CPU" in log  # AMP (on in the config) needs CUDA
+    assert "eta:" in log  # the console writer with ETA
+    assert "Evaluation results for bbox" in log  # the end-of-training evaluation
+
+    # 2. Resume to 3 iterations, with an extra hook given on the command line.
+    extra_json = tmp_path / "extra_metrics.json"
+    hook = (
+        "train.extra_hooks=[{_target_:detectron2.engine.hooks.PeriodicWriter,period:1,"
+        f"writers:[{{_target_:detectron2.utils.events.JSONWriter,json_file:{extra_json}}}]}}]"
+    )
+    args = default_argument_parser().parse_args(
+        ["--resume", *arguments(tiny_coco, out, "train.max_iter=3", hook)]
+    )
+    train_net.main(args)
+    assert iterations(out) == [0, 1, 2]  # continued from iteration 2, not restarted
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
+    written = [json.loads(line) for line in extra_json.read_text().splitlines()]
+    assert [m["iteration"] for m in written if "total_loss" in m] == [2]  # the resumed step
+
+    # 3. Evaluate the checkpoint: COCO box and mask AP.
+    args = default_argument_parser().parse_args(
+        [
+            "--eval-only",
+            *arguments(tiny_coco, out, f"train.init_checkpoint={out / 'model_final.pth'}"),
+        ]
+    )
+    results = train_net.main(args)
+    assert set(results) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert 0 <= results[task]["AP"] <= 100
+    log = (out / "log.txt").read_text()
+    # Printed at the end of training, of the resumed training and by --eval-only.
+    assert log.count("Evaluation results for segm") == 3
+
+
+def test_missing_coco_says_where_it_is_expected(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DETECTRON2_DATASETS": str(tmp_path)}
+    command = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        "configs/mask_rcnn_hiera_b.py",
+        f"train.output_dir={tmp_path / 'out'}",
+    ]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    message = run.stderr.strip().splitlines()[-1]
+    assert message.startswith("FileNotFoundError: dataset 'coco_2017_train'")
+    assert str(tmp_path / "coco/annotations/instances_train2017.json") in message
+    assert "$DETECTRON2_DATASETS" in message and str(tmp_path) in message
+
+
+def test_bad_dataset_argument(tiny_coco, tmp_path):
+    cfg = train_net.LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_b.py"))
+    cfg = train_net.LazyConfig.apply_overrides(cfg, [f"dataset.train=[x,{tiny_coco.json_file}]"])
+    with pytest.raises(ValueError, match=r"dataset.train=.*expected \[name,json_file,image_root\]"):
+        train_net.apply_dataset_config(cfg)
+    cfg.dataset.train = ["x", str(tmp_path / "nope.json"), tiny_coco.image_root]
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        train_net.apply_dataset_config(cfg)
