@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import shrink_overrides
+from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
+
+from hiera_det.data.datasets import apply_dataset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,10 +112,10 @@ def test_missing_coco_says_where_it_is_expected(tmp_path):
 
 
 def test_bad_dataset_argument(tiny_coco, tmp_path):
-    cfg = train_net.LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_b.py"))
-    cfg = train_net.LazyConfig.apply_overrides(cfg, [f"dataset.train=[x,{tiny_coco.json_file}]"])
+    cfg = LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_b.py"))
+    cfg = LazyConfig.apply_overrides(cfg, [f"dataset.train=[x,{tiny_coco.json_file}]"])
     with pytest.raises(ValueError, match=r"dataset.train=.*expected \[name,json_file,image_root\]"):
-        train_net.apply_dataset_config(cfg)
+        apply_dataset_config(cfg)
     cfg.dataset.train = ["x", str(tmp_path / "nope.json"), tiny_coco.image_root]
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        train_net.apply_dataset_config(cfg)
+        apply_dataset_config(cfg)
