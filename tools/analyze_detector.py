@@ -17,19 +17,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from math import prod
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.utils.analysis import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 
-
-def sdpa_flop_jit(inputs, outputs) -> int:
-    """``softmax(q k^T) v``: two products of ``[.., Lq, D] x [.., D, Lk]`` and ``[.., Lq, Lk] x
-    [.., Lk, Dv]``."""
-    q, k, v = (get_shape(x) for x in inputs[:3])
-    return prod(q) * k[-2] + prod(q[:-1]) * k[-2] * v[-1]
+from hiera_det.utils.flops import backbone_trunk, flop_analysis, zero_score_thresh
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -45,13 +37,14 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    cfg.model.roi_heads.box_predictor.test_score_thresh = 0.0
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
+    zero_score_thresh(model)
+    trunk = backbone_trunk(model)
 
     parts = {
-        "backbone (Hiera)": model.backbone.bottom_up,
-        "FPN": [m for n, m in model.backbone.named_children() if n != "bottom_up"],
+        f"backbone ({type(trunk).__name__})": trunk,
+        "neck": [m for m in model.backbone.children() if m is not trunk],
         "RPN": model.proposal_generator,
         "RoI heads": model.roi_heads,
     }
@@ -64,27 +57,15 @@ def main() -> None:
     s = args.image_size
     image = torch.rand(3, s, s) * 255
     if args.backbone_only:
-        target = model.backbone.bottom_up
-        inputs = (image[None],)
-        from fvcore.nn import FlopCountAnalysis as Plain
-
-        flops = Plain(target, inputs)
+        flops = flop_analysis(trunk, (image[None],))
     else:
-        flops = FlopCountAnalysis(model, [{"image": image, "height": s, "width": s}])
-    flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-    flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        flops = flop_analysis(model, [{"image": image, "height": s, "width": s}])
     start = time.perf_counter()
     with torch.no_grad():
         total = flops.total()
     print(f"FLOPs at {s}x{s}: {total / 1e12:.3f}T (counted in {time.perf_counter() - start:.0f}s)")
-    by_module = flops.by_module()
-    if args.backbone_only:
-        by_op = flops.by_operator()
-        print("  by operator: " + ", ".join(f"{k} {v / 1e9:.1f}G" for k, v in by_op.items()))
-    else:
-        # Detectron2's FlopCountAnalysis traces a `TracingAdapter` that holds the model as `model`.
-        for name in ("backbone.bottom_up", "backbone", "proposal_generator", "roi_heads"):
-            print(f"  {name}: {by_module['model.' + name] / 1e9:.1f}G")
+    by_op = flops.by_operator()
+    print("  by operator: " + ", ".join(f"{k} {v / 1e9:.1f}G" for k, v in by_op.items()))
     skipped = flops.unsupported_ops()
     if skipped:
         print("  not counted: " + ", ".join(f"{k} x{v}" for k, v in skipped.items()))

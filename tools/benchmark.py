@@ -75,16 +75,13 @@ def build(spec: str, task: str, opts: list[str]):
         return model, lambda: model(IMAGES, return_intermediates=True)
     from detectron2.config import instantiate
 
+    from hiera_det.utils.flops import backbone_trunk, zero_score_thresh
+
     cfg = load_config(spec, opts)
     model = instantiate(cfg.model)
-    heads = getattr(model, "roi_heads", None)
-    # Cascade heads hold one predictor per stage (only the last one's threshold is used).
-    for predictor in getattr(heads, "box_predictors", [getattr(heads, "box_predictor", None)]):
-        if predictor is not None:
-            predictor.test_score_thresh = 0.0
+    zero_score_thresh(model)
     if task == "backbone":
-        backbone = model.backbone
-        net = getattr(backbone, "bottom_up", None) or getattr(backbone, "net", None) or backbone
+        net = backbone_trunk(model)
         return net, lambda: net(IMAGES)
     if task == "inference":
         return model, lambda: model(DETECTION_INPUTS)

@@ -1,4 +1,7 @@
-"""FLOP counting with fvcore, attention included (one FLOP = one multiply-add, as in the paper)."""
+"""Model analysis helpers shared by tools/analyze_detector.py and tools/benchmark.py.
+
+FLOPs are counted with fvcore, attention included; one FLOP = one multiply-add, as in the paper.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import torch
 from detectron2.utils.analysis import FlopCountAnalysis
 from fvcore.nn import FlopCountAnalysis as PlainFlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
+from torch import nn
 
-__all__ = ["count_flops", "sdpa_flop_jit"]
+__all__ = ["backbone_trunk", "count_flops", "flop_analysis", "sdpa_flop_jit", "zero_score_thresh"]
 
 
 def sdpa_flop_jit(inputs, outputs) -> int:
@@ -18,8 +22,8 @@ def sdpa_flop_jit(inputs, outputs) -> int:
     return prod(q) * k[-2] + prod(q[:-1]) * k[-2] * v[-1]
 
 
-def count_flops(model: torch.nn.Module, inputs) -> int:
-    """Total multiply-adds of one forward of `model` on `inputs`.
+def flop_analysis(model: nn.Module, inputs):
+    """An fvcore analysis of one forward of `model` on `inputs`, attention counted.
 
     `inputs` is Detectron2's ``list[dict]`` for a meta-architecture, or a tuple of tensors for a
     plain module such as a backbone. `aten::scaled_dot_product_attention` is counted (fvcore has
@@ -31,5 +35,27 @@ def count_flops(model: torch.nn.Module, inputs) -> int:
         analysis = PlainFlopCountAnalysis(model, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis
+
+
+def count_flops(model: nn.Module, inputs) -> int:
+    """Total multiply-adds of one forward of `model` on `inputs` (see `flop_analysis`)."""
     with torch.no_grad():
-        return int(analysis.total())
+        return int(flop_analysis(model, inputs).total())
+
+
+def backbone_trunk(model: nn.Module) -> nn.Module:
+    """The network inside a detector's backbone: FPN's `bottom_up` or a simple pyramid's `net`."""
+    backbone = model.backbone
+    return getattr(backbone, "bottom_up", None) or getattr(backbone, "net", None) or backbone
+
+
+def zero_score_thresh(model: nn.Module) -> None:
+    """Let the RoI heads keep their full 100 detections, as a trained model does on COCO.
+
+    Cascade heads hold one predictor per stage; all are set.
+    """
+    heads = getattr(model, "roi_heads", None)
+    for predictor in getattr(heads, "box_predictors", [getattr(heads, "box_predictor", None)]):
+        if predictor is not None:
+            predictor.test_score_thresh = 0.0
