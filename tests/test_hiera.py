@@ -195,3 +195,16 @@ def test_sparse_units_with_everything_visible_equal_the_dense_path():
     with torch.no_grad():
         out = model.forward_units(x, keep)
     assert out["res2"].shape == (2, 2, 64, 16) and out["res5"].shape == (2, 2, 1, 128)
+
+
+def test_global_blocks_outside_the_model_are_rejected():
+    with pytest.raises(ValueError, match=r"global_blocks=\(5,\) must index the 5 blocks"):
+        tiny(global_blocks=(5,))
+    with pytest.raises(ValueError, match="must index the 2 blocks"):
+        tiny(global_blocks=(3,), out_features=("res3",))
+
+
+def test_drop_path_rises_linearly_over_all_blocks():
+    model = tiny(drop_path_rate=0.4)
+    rates = [getattr(blk.drop_path, "drop_prob", 0.0) for blk in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])

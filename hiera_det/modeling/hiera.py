@@ -367,7 +367,14 @@ class Hiera(Backbone):
         pool_blocks = {end + 1 for end in stage_ends[:q_pool]}
         last_stage = max(valid.index(f) for f in out_features)
         depth = sum(stages)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # Stochastic depth rises linearly over all blocks (plain Python: meta-device friendly).
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        built = stage_ends[last_stage] + 1
+        if any(not 0 <= b < built for b in global_blocks):
+            raise ValueError(
+                f"global_blocks={tuple(global_blocks)} must index the {built} blocks this Hiera "
+                f"builds (stages={stages}, out_features={tuple(out_features)})"
+            )
         flat_q = math.prod(q_stride)
 
         self._out_features = list(out_features)
@@ -375,7 +382,7 @@ class Hiera(Backbone):
         self._taps: dict[int, tuple[str, int]] = {}  # block index -> (name, unroll levels left)
         self.blocks = nn.ModuleList()
         dim, heads, stage, stride, pools = embed_dim, num_heads, 0, patch_stride[0], 0
-        for i in range(stage_ends[last_stage] + 1):
+        for i in range(built):
             window = stage_windows[stage]  # a transition block keeps the previous stage's kind
             dim_out, q = dim, 1
             if i - 1 in stage_ends:
