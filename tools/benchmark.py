@@ -118,7 +118,10 @@ def make_inputs(size: int, batch: int, device: str, with_targets: bool) -> None:
 
 
 def train_step(model) -> None:
-    losses = model(DETECTION_INPUTS)
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):  # Detectron2's losses log into the trainer's event storage
+        losses = model(DETECTION_INPUTS)
     sum(losses.values()).backward()
     for p in model.parameters():
         p.grad = None
