@@ -13,6 +13,16 @@ TINY_ENCODER = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 1))
 TINY_DECODER = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more intra-op threads; on a busy shared machine threads that
+    wait for each other make small ops many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_pair(seed: int = 0):
     """(official, ours) with the same weights, loaded into ours through the converter."""
     torch.manual_seed(seed)

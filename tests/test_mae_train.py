@@ -44,6 +44,16 @@ SHRINK = [
 TINY_STAGES = "model.encoder.stages=[1,1,2,1]"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more intra-op threads; on a busy shared machine threads that
+    wait for each other make small ops many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def load_train_net():
     spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
     module = importlib.util.module_from_spec(spec)
