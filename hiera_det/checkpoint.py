@@ -271,12 +271,23 @@ class HieraCheckpointer(DetectionCheckpointer):
             return loaded
         name, hiera = found
         own = self.model.state_dict()
-        if name and any(k in own for k in loaded["model"]):
+        state = _unwrap(loaded["model"])
+        prefix = f"{name}." if name else ""
+        if name and prefix + _ANCHOR in state:
             return loaded  # a checkpoint of this very model (resume, detector weights)
         report = LoadReport(source=filename)
-        hiera_state, report.dropped = split_hiera_checkpoint(loaded)
-        adapted = adapt_hiera_state_dict(hiera, hiera_state, report)
-        prefix = f"{name}." if name else ""
-        self.logger.info(str(report).replace("Hiera weights", f"Hiera weights for '{prefix}'", 1))
+        hiera_state, dropped = split_hiera_checkpoint(loaded)
+        adapted = {
+            prefix + k: v for k, v in adapt_hiera_state_dict(hiera, hiera_state, report).items()
+        }
+        # Tensors outside the Hiera that this model also has, under the same name and shape (e.g.
+        # an official MAE file's decoder for our MaskedAutoencoderHiera), load as well.
+        extra = [k for k in dropped if k in own and own[k].shape == state[k].shape]
+        adapted.update({k: state[k] for k in extra})
+        report.dropped = [k for k in dropped if k not in extra]
+        message = str(report).replace("Hiera weights", f"Hiera weights for '{prefix}'", 1)
+        if extra:
+            message += f"\n  also loaded, outside the backbone ({len(extra)}): " + _summarize(extra)
+        self.logger.info(message)
         # Only the model: iteration/optimizer of a pretraining run must not leak into this one.
-        return {"model": {prefix + k: v for k, v in adapted.items()}}
+        return {"model": adapted}

@@ -182,3 +182,18 @@ def test_saving_is_atomic_a_failed_save_keeps_the_previous_checkpoint(tmp_path, 
         saver.save("model_final", iteration=2)
     assert (tmp_path / "model_final.pth").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_official_mae_file_continues_pretraining_in_our_mae(wrap, tmp_path):
+    from hiera_det.modeling import build_mae, convert_mae_checkpoint
+
+    torch.manual_seed(3)
+    official = hiera.mae_hiera_tiny_224(pretrained=False).state_dict()
+    path = tmp_path / "mae_hiera_tiny_224.pth"
+    torch.save({"model_state": official} if wrap else official, path)
+    ours = build_mae("tiny")
+    HieraCheckpointer(ours).load(str(path))
+    expected = convert_mae_checkpoint(official)
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
