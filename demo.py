@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Draw a trained detector's predictions (boxes, masks, classes, scores) on images.
+
+    python demo.py --config-file configs/quickstart.py --input photo.jpg more_photos/ \\
+        --output output/demo --opts train.init_checkpoint=output/quickstart/model_final.pth
+
+`--input` takes image files and folders (searched recursively); each drawing is written under
+`--output` with the input's name (keeping sub-folders of an input folder). The model is the
+config's, run by Detectron2's `DefaultPredictor` (`hiera_det.predictor_cfg`), with the weights
+named by ``train.init_checkpoint`` (or `--weights`). Class names come from the config's test
+dataset. An unreadable image is reported by path and skipped; the run then exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from detectron2.config import LazyConfig
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+from hiera_det.engine.visualize import draw_predictions
+from hiera_det.predictor import predictor_cfg
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SCORE_THRESH_KEY = "model.roi_heads.box_predictor.test_score_thresh"
+
+logger = logging.getLogger("demo")
+
+
+class DemoError(Exception):
+    """A problem with the demo's inputs, reported without a traceback."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="a LazyConfig (.py or config.yaml)")
+    parser.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
+    parser.add_argument("--output", required=True, help="folder for the drawings")
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="draw detections scoring >= this"
+    )
+    parser.add_argument("--weights", help="detector checkpoint (default: train.init_checkpoint)")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides key=value ..."
+    )
+    return parser
+
+
+def find_images(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
+    """``(image path, output path relative to --output)`` for every input file and every image
+    in the input folders (recursively, sorted). Raises naming a missing input or an empty folder.
+    """
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(
+                p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not files:
+                raise DemoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {item}")
+            found += [(p, p.relative_to(item)) for p in files]
+        elif item.is_file():
+            found.append((item, Path(item.name)))
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    return found
+
+
+def output_path(output_dir: Path, relative: Path) -> Path:
+    """Keep the input's name; PNG when OpenCV cannot write the input's format."""
+    path = output_dir / relative
+    if not cv2.haveImageWriter(str(path)):
+        path = path.with_suffix(path.suffix + ".png")
+    return path
+
+
+def build_predictor(args) -> tuple[DefaultPredictor, Metadata]:
+    opts = list(args.opts)
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), opts)
+    weights = args.weights or lazy.train.get("init_checkpoint", "")
+    if not weights:
+        raise DemoError(
+            "no weights: give --weights PATH or --opts train.init_checkpoint=PATH "
+            "(e.g. output/quickstart/model_final.pth)"
+        )
+    # Let the model keep low-scoring detections when the threshold is below its default.
+    opts.append(f"{SCORE_THRESH_KEY}={args.confidence_threshold}")
+    cfg = predictor_cfg(args.config_file, weights, opts)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
+    return DefaultPredictor(cfg), metadata
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Run the demo; returns the written files. Raises if an input could not be read."""
+    args = get_parser().parse_args(argv)
+    setup_logger(name="detectron2")
+    setup_logger(name="demo")
+    images = find_images(args.input)
+    predictor, metadata = build_predictor(args)
+    output_dir = Path(args.output)
+
+    written, failed = [], []
+    for path, relative in tqdm(images, desc="demo", unit="img", disable=len(images) < 2):
+        try:
+            image = read_image(str(path), format="BGR")
+        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for a damaged file
+            logger.warning(f"skipping {path}: cannot read it as an image ({e})")
+            failed.append(path)
+            continue
+        instances = predictor(image)["instances"]
+        drawing = draw_predictions(
+            np.ascontiguousarray(image[:, :, ::-1]),
+            instances,
+            metadata,
+            score_threshold=args.confidence_threshold,
+        )
+        out = output_path(output_dir, relative)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), drawing[:, :, ::-1]):
+            raise OSError(f"could not write {out}")
+        kept = int((instances.scores >= args.confidence_threshold).sum())
+        logger.info(f"{path}: {kept} detections -> {out}")
+        written.append(out)
+    if failed:
+        names = ", ".join(map(str, failed[:5])) + (" ..." if len(failed) > 5 else "")
+        raise DemoError(f"{len(failed)} of {len(images)} inputs could not be read: {names}")
+    logger.info(f"{len(written)} drawings written to {output_dir}")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DemoError, FileNotFoundError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1)
