@@ -63,10 +63,10 @@ def load_train_net():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """A folder of 6 generated images in two sub-folders, plus one corrupt file."""
+    """A folder of 7 generated images in two sub-folders, plus one corrupt file (8 files)."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for i in range(6):
+    for i in range(7):
         folder = root / f"class{i % 2}"
         folder.mkdir(exist_ok=True)
         # Smooth random images (upsampled noise), so there is something to reconstruct.
@@ -173,17 +173,18 @@ def test_train_net_pretrains_then_the_detector_backbone_loads_every_weight(
         "train.extra_hooks.0.num_images=2",
     ]
     with caplog.at_level(logging.WARNING, logger="hiera_det.data.image_folder"):
-        # One epoch: 7 listed files (one corrupt) // batch 2 = 3 iterations, set by train_net.py.
+        # One epoch: 8 listed files (one corrupt) // batch 2 = 4 iterations, set by train_net.py.
+        # An epoch is one permutation of all 8, so the corrupt file is drawn whatever the seed.
         run_train_net(
             "configs/mae/mae_hiera_t.py", opts + ["train.epochs=1", "train.warmup_epochs=0"]
         )
     rows = metrics(out)
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert all(np.isfinite(r["total_loss"]) for r in rows)
     assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
 
-    # Pictures after iteration 2 and after the last one (3).
-    for it in (2, 3):
+    # Pictures after iterations 2 and 4 (the last one).
+    for it in (2, 4):
         picture = np.asarray(Image.open(out / "pictures" / f"iter_{it:07d}.png"))
         assert picture.shape == (HEADER + 2 * (64 + GAP), 4 * (64 + GAP) + GAP, 3)
 
@@ -200,11 +201,11 @@ def test_train_net_pretrains_then_the_detector_backbone_loads_every_weight(
     for key, value in detector_backbone.state_dict().items():
         assert torch.equal(value, saved[f"encoder.{key}"]), key
 
-    # Resume: iterations 3 and 4 only, starting from the saved weights and iteration.
-    run_train_net("configs/mae/mae_hiera_t.py", opts + ["train.max_iter=5"], resume=True)
-    assert [r["iteration"] for r in metrics(out)] == [0, 1, 2, 3, 4]
+    # Resume: iterations 4 and 5 only, starting from the saved weights and iteration.
+    run_train_net("configs/mae/mae_hiera_t.py", opts + ["train.max_iter=6"], resume=True)
+    assert [r["iteration"] for r in metrics(out)] == [0, 1, 2, 3, 4, 5]
     resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
-    assert resumed["iteration"] == 4
+    assert resumed["iteration"] == 5
     assert not torch.equal(resumed["model"]["mask_token"], saved["mask_token"])  # it trained on
 
     # The pictures command works on the checkpoint.
