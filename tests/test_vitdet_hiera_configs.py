@@ -348,14 +348,20 @@ def test_lvis_config_has_vitdet_lvis_settings(path: Path):
     from detectron2.data.samplers import RepeatFactorTrainingSampler
 
     from hiera_det.data.lvis import build_lvis_evaluator, fed_loss_cls_weights
+    from hiera_det.engine.resume import build_resumable_train_loader
 
     cfg = load(path)
     coco = LazyConfig.load(str(ROOT / "configs" / path.name))
     data = cfg.dataloader
     assert data.train.dataset.names == "lvis_v1_train"
     assert data.test.dataset.names == "lvis_v1_val"
-    assert data.train.sampler._target_ is RepeatFactorTrainingSampler
-    assert data.train.sampler.repeat_factors.repeat_thresh == 0.001
+    # Repeat-factor sampling through the resumable loader (not Detectron2's sampler).
+    assert data.train._target_ is build_resumable_train_loader
+    assert "sampler" not in data.train
+    factors = data.train.repeat_factors
+    assert factors._target_ is RepeatFactorTrainingSampler.repeat_factors_from_category_frequency
+    assert factors.repeat_thresh == 0.001
+    assert factors.dataset_dicts.names == "lvis_v1_train"  # interpolation resolves
     assert data.evaluator._target_ is build_lvis_evaluator
     assert data.evaluator.max_dets_per_image == 300
     assert data.evaluator.dataset_name == "lvis_v1_val"  # interpolation resolves

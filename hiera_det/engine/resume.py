@@ -11,6 +11,8 @@ is a pure function of ``(seed, iteration, ...)`` instead of a stream's history:
    ``(seed, i)``: epochs are permutations seeded by ``(seed, epoch)``, so it starts at any
    iteration by skipping ``i * total_batch_size`` indices without producing them; aspect-ratio
    grouping is done here, on the global stream (Detectron2 groups per process, after mapping).
+   With repeat factors (LVIS) each epoch's stochastic rounding is seeded by ``(seed, epoch)`` as
+   well, so epochs differ in length and a start position is found by adding up their lengths.
    Process ``r`` of ``W`` takes slots ``[r*B/W, (r+1)*B/W)`` of each global batch, so a run on W
    processes sees the same images per step as one process with the same total batch.
 2. Each index comes with a sample seed derived from ``(seed, iteration, slot)``;
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 from detectron2.data.build import build_batch_data_loader, build_detection_train_loader
 from detectron2.data.common import DatasetFromList
+from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -105,6 +108,12 @@ class ResumableTrainingSampler(Sampler):
         shuffle: a new permutation each epoch (else ``range(size)`` repeated).
         group_ids: per image, a group (e.g. 0 = landscape, 1 = portrait): every global batch then
             holds one group only, filled in stream order (Detectron2's aspect-ratio grouping).
+        repeat_factors: per image, how often an epoch holds it (1-D, finite, >= 0, not all 0),
+            e.g. `RepeatFactorTrainingSampler.repeat_factors_from_category_frequency`. As in
+            Detectron2's `RepeatFactorTrainingSampler`, each epoch rounds every factor ``r`` to
+            ``floor(r)`` or ``floor(r) + 1`` (the latter with probability ``r - floor(r)``), repeats
+            the images that often and shuffles them; rounding and permutation are drawn from
+            ``(seed, epoch)``. None: every image once per epoch.
     """
 
     def __init__(
@@ -114,6 +123,7 @@ class ResumableTrainingSampler(Sampler):
         seed: int | None = None,
         shuffle: bool = True,
         group_ids: Sequence[int] | None = None,
+        repeat_factors: torch.Tensor | np.ndarray | Sequence[float] | None = None,
     ):
         world = comm.get_world_size()
         if size <= 0:
@@ -127,6 +137,11 @@ class ResumableTrainingSampler(Sampler):
             raise ValueError(f"{len(group_ids)} group ids for {size} images")
         self.size, self.total_batch_size, self.shuffle = size, total_batch_size, shuffle
         self.group_ids = None if group_ids is None else np.asarray(group_ids)
+        self._int_part = self._frac_part = None
+        if repeat_factors is not None:
+            factors = _check_repeat_factors(repeat_factors, size)
+            self._int_part = torch.trunc(factors)
+            self._frac_part = factors - self._int_part
         self.seed = _shared_seed(seed)
         self.start_iter = 0
         self.batch_size = total_batch_size // world  # per process
@@ -138,14 +153,35 @@ class ResumableTrainingSampler(Sampler):
         self.seed, self.start_iter = int(seed), int(start_iter)
 
     def _epoch(self, epoch: int) -> np.ndarray:
+        if self._int_part is not None:
+            return self._repeated_epoch(epoch)
         if not self.shuffle:
             return np.arange(self.size)
         g = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
         return torch.randperm(self.size, generator=g).numpy()
 
+    def _repeats(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Per image, how often `epoch` holds it (stochastic rounding of the repeat factors), and
+        the epoch's generator, to draw the permutation from next."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+        rands = torch.rand(self.size, generator=g, dtype=self._frac_part.dtype)
+        return (self._int_part + (rands < self._frac_part)).long(), g
+
+    def _repeated_epoch(self, epoch: int) -> np.ndarray:
+        repeats, g = self._repeats(epoch)
+        indices = torch.repeat_interleave(torch.arange(self.size), repeats)
+        if self.shuffle:
+            indices = indices[torch.randperm(len(indices), generator=g)]
+        return indices.numpy()
+
     def _stream(self, position: int) -> Iterator[int]:
         """The concatenated epochs from `position` on."""
-        epoch, offset = divmod(position, self.size)
+        if self._int_part is None:
+            epoch, offset = divmod(position, self.size)
+        else:  # epochs differ in length: add them up (rounding only, no permutations)
+            epoch, offset = 0, position
+            while offset >= (length := int(self._repeats(epoch)[0].sum())):
+                epoch, offset = epoch + 1, offset - length
         for e in itertools.count(epoch):
             yield from self._epoch(e)[offset:].tolist()
             offset = 0
@@ -203,6 +239,33 @@ class SeededMapDataset(Dataset):
                 logger.warning(f"3 samples in a row failed to map (the last index {index})")
 
 
+def _check_repeat_factors(repeat_factors, size: int) -> torch.Tensor:
+    """`repeat_factors` as a float64 CPU tensor, or a ValueError naming what is wrong."""
+    if isinstance(repeat_factors, torch.Tensor):
+        factors = repeat_factors.detach().cpu().to(torch.float64)
+    else:
+        factors = torch.as_tensor(np.asarray(repeat_factors, dtype=np.float64))
+    if factors.ndim != 1:
+        raise ValueError(f"repeat factors must be 1-D (one per image), not {tuple(factors.shape)}")
+    if len(factors) != size:
+        raise ValueError(f"{len(factors)} repeat factors for {size} images")
+    bad = (~torch.isfinite(factors)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(
+            f"repeat factors must be finite: {len(bad)} are not (e.g. image {int(bad[0])}: "
+            f"{float(factors[bad[0]])})"
+        )
+    bad = (factors < 0).nonzero().flatten()
+    if len(bad):
+        raise ValueError(
+            f"repeat factors must be >= 0: {len(bad)} are negative (e.g. image {int(bad[0])}: "
+            f"{float(factors[bad[0]])})"
+        )
+    if not bool((factors > 0).any()):
+        raise ValueError("all repeat factors are 0: no image would ever be sampled")
+    return factors
+
+
 def aspect_ratio_groups(dataset_dicts: Sequence[dict]) -> list[int]:
     """0 for landscape (width > height), 1 otherwise: Detectron2's `AspectRatioGroupedDataset`."""
     return [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
@@ -238,6 +301,7 @@ def build_resumable_train_loader(
     seed: int | None = None,
     collate_fn: Callable | None = None,
     sampler: Sampler | None = None,
+    repeat_factors: torch.Tensor | np.ndarray | Sequence[float] | None = None,
 ):
     """Detectron2's `build_detection_train_loader` (same arguments, plus `seed`) made resumable
     and identical for any number of processes and loader workers; see the module docstring.
@@ -247,11 +311,27 @@ def build_resumable_train_loader(
             dataset; aspect-ratio grouping needs dicts with ``width`` and ``height``.
         seed: the stream's seed (`DeterministicSteps` sets it from ``train.seed`` / the
             checkpoint before training); None: a random one, shared by all processes.
-        sampler: another sampler (e.g. LVIS's `RepeatFactorTrainingSampler`): then this is
-            Detectron2's `build_detection_train_loader`, not resumable (a resumed run logs that it
-            reads a new data stream).
+        repeat_factors: per-image repeat factors (LVIS's repeat-factor sampling, e.g.
+            `RepeatFactorTrainingSampler.repeat_factors_from_category_frequency`); see
+            `ResumableTrainingSampler`. Resumable like the plain stream.
+        sampler: a `RepeatFactorTrainingSampler`: its repeat factors and `shuffle` are used as
+            `repeat_factors` (its own seed is not: the stream's is `seed`), resumable. Another
+            sampler: this is Detectron2's `build_detection_train_loader`, not resumable (a
+            resumed run logs that it reads a new data stream).
     """
+    shuffle = True
+    if isinstance(sampler, RepeatFactorTrainingSampler):
+        if repeat_factors is not None:
+            raise ValueError("pass repeat_factors or a RepeatFactorTrainingSampler, not both")
+        repeat_factors = sampler._int_part + sampler._frac_part
+        shuffle = sampler._shuffle
+        sampler = None
     if sampler is not None:
+        if repeat_factors is not None:
+            raise ValueError(
+                f"repeat_factors need the resumable sampler: pass them without sampler= "
+                f"({type(sampler).__name__})"
+            )
         return build_detection_train_loader(
             dataset,
             mapper=mapper,
@@ -268,7 +348,21 @@ def build_resumable_train_loader(
         raise ValueError("aspect_ratio_grouping needs a list of dataset dicts with width/height")
     else:
         groups = None
-    sampler = ResumableTrainingSampler(len(dataset), total_batch_size, seed, group_ids=groups)
+    sampler = ResumableTrainingSampler(
+        len(dataset),
+        total_batch_size,
+        seed,
+        shuffle=shuffle,
+        group_ids=groups,
+        repeat_factors=repeat_factors,
+    )
+    if repeat_factors is not None:
+        factors = sampler._int_part + sampler._frac_part
+        logger.info(
+            f"Repeat-factor sampling: {float(factors.sum()):.0f} samples per epoch of "
+            f"{len(dataset)} images in expectation (factors {float(factors.min()):.2f} to "
+            f"{float(factors.max()):.2f})"
+        )
     loader = build_batch_data_loader(
         SeededMapDataset(dataset, mapper),
         sampler,
