@@ -350,3 +350,25 @@ def test_steps_are_seeded_by_iteration_and_the_seed_is_checkpointed(tmp_path):
     )
     trainer.train(4, 6)
     assert resumed.draws == first.draws[4:]
+
+
+def test_loader_computes_repeat_factors_from_its_dicts():
+    """`repeat_thresh` (the LVIS configs) gives the factors Detectron2 computes from the dicts."""
+    # Category 0 in every image, category 1 in one of 8: at threshold 0.5 that image repeats 2x.
+    dicts = [
+        {"value": v, "width": 8, "height": 8, "annotations": [{"category_id": 0}]} for v in range(8)
+    ]
+    dicts[3]["annotations"].append({"category_id": 1})
+    loader = build_resumable_train_loader(
+        dicts, mapper=lambda d: d["value"], total_batch_size=4, seed=2, repeat_thresh=0.5
+    )
+    expected = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, 0.5)
+    assert expected.tolist() == [1, 1, 1, 2, 1, 1, 1, 1]
+    sampler = loader.sampler
+    assert torch.equal(sampler._int_part + sampler._frac_part, expected)
+    values = [v for batch in _take(loader, 9) for v in batch]  # exactly 4 epochs of 9 samples
+    assert values.count(3) == 8 and all(values.count(v) == 4 for v in set(values) - {3})
+    with pytest.raises(ValueError, match="not both"):
+        build_resumable_train_loader(
+            dicts, mapper=None, total_batch_size=4, repeat_thresh=0.5, repeat_factors=expected
+        )

@@ -302,6 +302,7 @@ def build_resumable_train_loader(
     collate_fn: Callable | None = None,
     sampler: Sampler | None = None,
     repeat_factors: torch.Tensor | np.ndarray | Sequence[float] | None = None,
+    repeat_thresh: float | None = None,
 ):
     """Detectron2's `build_detection_train_loader` (same arguments, plus `seed`) made resumable
     and identical for any number of processes and loader workers; see the module docstring.
@@ -314,12 +315,23 @@ def build_resumable_train_loader(
         repeat_factors: per-image repeat factors (LVIS's repeat-factor sampling, e.g.
             `RepeatFactorTrainingSampler.repeat_factors_from_category_frequency`); see
             `ResumableTrainingSampler`. Resumable like the plain stream.
+        repeat_thresh: compute `repeat_factors` from `dataset` (a list of dicts) with
+            `RepeatFactorTrainingSampler.repeat_factors_from_category_frequency` at this
+            threshold (LVIS: 0.001), without loading the dataset a second time.
         sampler: a `RepeatFactorTrainingSampler`: its repeat factors and `shuffle` are used as
             `repeat_factors` (its own seed is not: the stream's is `seed`), resumable. Another
             sampler: this is Detectron2's `build_detection_train_loader`, not resumable (a
             resumed run logs that it reads a new data stream).
     """
     shuffle = True
+    if repeat_thresh is not None:
+        if repeat_factors is not None:
+            raise ValueError("pass repeat_factors or repeat_thresh, not both")
+        if not isinstance(dataset, list):
+            raise ValueError("repeat_thresh needs a list of dataset dicts with annotations")
+        repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dataset, repeat_thresh
+        )
     if isinstance(sampler, RepeatFactorTrainingSampler):
         if repeat_factors is not None:
             raise ValueError("pass repeat_factors or a RepeatFactorTrainingSampler, not both")

@@ -3,16 +3,16 @@
 Data: ``lvis_v1_train`` with repeat-factor sampling (images holding rare categories are repeated;
 threshold 0.001), evaluated on ``lvis_v1_val`` by the LVIS evaluator at 300 detections per image
 (it needs the ``lvis`` package: `hiera_det.data.lvis.build_lvis_evaluator` says how to install it).
-The repeat factors go to `build_resumable_train_loader` (``dataloader.train.repeat_factors``), not
-to Detectron2's `RepeatFactorTrainingSampler`: each epoch's rounding and order are functions of
-``(seed, epoch)``, so ``--resume`` continues the same data stream.
+`build_resumable_train_loader` computes the repeat factors from the dicts it loads
+(``dataloader.train.repeat_thresh``; Detectron2's `repeat_factors_from_category_frequency`) and
+samples them itself instead of Detectron2's `RepeatFactorTrainingSampler`: each epoch's rounding
+and order are functions of ``(seed, epoch)``, so ``--resume`` continues the same data stream.
 Model: 1203 classes, sigmoid cross-entropy with the federated loss (class weights = image count to
 the power 0.5), test score threshold 0.02 and up to 300 detections per image. Schedule: ViTDet
 counts an LVIS epoch as 100k images, so 100 epochs at batch 64 are 156250 iterations.
 """
 
 from detectron2.config import LazyCall as L
-from detectron2.data.samplers import RepeatFactorTrainingSampler
 
 from hiera_det.data.lvis import build_lvis_evaluator, fed_loss_cls_weights
 
@@ -26,9 +26,7 @@ NUM_CLASSES = 1203
 def to_lvis(dataloader, model):
     """Point a COCO Mask R-CNN config's `dataloader` and `model` at LVIS v1 (in place)."""
     dataloader.train.dataset.names = "lvis_v1_train"
-    dataloader.train.repeat_factors = L(
-        RepeatFactorTrainingSampler.repeat_factors_from_category_frequency
-    )(dataset_dicts="${..dataset}", repeat_thresh=0.001)
+    dataloader.train.repeat_thresh = 0.001
     dataloader.test.dataset.names = "lvis_v1_val"
     dataloader.evaluator = L(build_lvis_evaluator)(
         dataset_name="${..test.dataset.names}", max_dets_per_image=300
