@@ -76,7 +76,7 @@ model.roi_heads.mask_head.conv_dims = [fpn_dim] * 3  # 2 convs + the deconv
 # --- optimisation: AdamW as the paper, at a from-scratch learning rate
 optimizer.lr = 1e-3
 optimizer.weight_decay = 0.05
-train.max_iter = 1500
+train.max_iter = 1100
 lr_multiplier = step_lr_multiplier(train.max_iter, warmup_iters=100)
 train.output_dir = "./output/quickstart"
 train.eval_period = 0  # evaluate once, at the end
