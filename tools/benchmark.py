@@ -8,7 +8,9 @@
 Each model is measured in its own subprocess, one after the other in this run, so that peak memory
 is its own; ratios are printed against the first model. A model is a LazyConfig file or a built-in
 name: `vitdet_b` / `vitdet_l` (Detectron2's ViTDet Mask R-CNN from its bundled
-`common/models/mask_rcnn_vitdet.py`, L with ViTDet's L settings) and, for `--task backbone`,
+`common/models/mask_rcnn_vitdet.py`, L with ViTDet's L settings), `mvitv2_b` / `swin_b`
+(Detectron2's MViTv2-B / Swin-B backbones in the project's baseline configs
+`projects/ViTDet-Hiera/configs/COCO/mask_rcnn_{mvitv2,swin}_b.py`) and, for `--task backbone`,
 `official_hiera_<size>` (the `hiera-transformer` package, returning its four stage outputs).
 `--opts` overrides apply to every config-file model.
 
@@ -34,6 +36,12 @@ import time
 import torch
 
 BUILTINS = ("vitdet_b", "vitdet_l")
+# Detectron2's MViTv2-B and Swin-B backbones (detectron2.modeling.MViT / SwinTransformer) as
+# ViTDet configures them, in Mask R-CNN with the paper's LN heads: the project's baseline configs.
+BASELINES = {
+    "mvitv2_b": "projects/ViTDet-Hiera/configs/COCO/mask_rcnn_mvitv2_b.py",
+    "swin_b": "projects/ViTDet-Hiera/configs/COCO/mask_rcnn_swin_b.py",
+}
 
 
 def load_config(spec: str, opts: list[str]):
@@ -47,8 +55,13 @@ def load_config(spec: str, opts: list[str]):
             net.embed_dim, net.depth, net.num_heads, net.drop_path_rate = 1024, 24, 16, 0.4
             net.window_block_indexes = [i for i in range(24) if i not in (5, 11, 17, 23)]
         return cfg
+    if spec in BASELINES:
+        spec = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), BASELINES[spec]
+        )
     if not os.path.isfile(spec):
-        raise SystemExit(f"no such config file or built-in model: {spec!r} (built-ins: {BUILTINS})")
+        names = BUILTINS + tuple(BASELINES)
+        raise SystemExit(f"no such config file or built-in model: {spec!r} (built-ins: {names})")
     return LazyConfig.apply_overrides(LazyConfig.load(spec), opts)
 
 
