@@ -1,0 +1,88 @@
+"""tools/benchmark.py and tools/analyze_detector.py run end to end on a shrunk config (tiny Hiera,
+128 px), and the benchmark's built-in model names resolve."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import shrink_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    run = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools/benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["inference", "train"])
+def test_benchmark_compares_two_models_side_by_side(task):
+    config = "configs/mask_rcnn_hiera_t.py"
+    run = run_tool(
+        "tools/benchmark.py",
+        "--config-file",
+        config,
+        "--vs",
+        "configs/mask_rcnn_hiera_s.py",
+        f"--task={task}",
+        "--size=128",
+        "--iters=2",
+        "--warmup=1",
+        *(["--flops"] if task == "inference" else []),
+        "--opts",
+        *shrink_overrides(128),
+    )
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"task={task} dtype=fp32 size=128 batch=1 iters=2")
+    rows = [line.split() for line in lines if line.startswith("configs/")]
+    assert [r[0] for r in rows] == [config, "configs/mask_rcnn_hiera_s.py"]
+    first = rows[0]
+    assert first[1].endswith("M") and float(first[1][:-1]) > 0  # parameters
+    if task == "inference":
+        assert float(first[2]) > 0  # GFLOPs counted
+    assert first[-2:] == ["1.00", "1.00"]  # ratios against the first model
+    # --opts apply to every config-file model: shrunk, T and S are the same model.
+    assert rows[1][1] == first[1]
+
+
+def test_benchmark_names_resolve_and_unknown_ones_are_listed():
+    bench = load_benchmark()
+    from detectron2.modeling import MViT, SwinTransformer
+    from detectron2.modeling.backbone.vit import ViT
+
+    assert bench.load_config("mvitv2_b", []).model.backbone.bottom_up._target_ is MViT
+    assert bench.load_config("swin_b", []).model.backbone.bottom_up._target_ is SwinTransformer
+    vit_l = bench.load_config("vitdet_l", []).model.backbone.net
+    assert vit_l._target_ is ViT and (vit_l.embed_dim, vit_l.depth) == (1024, 24)
+    with pytest.raises(SystemExit, match="vitdet_b.*mvitv2_b.*swin_b"):
+        bench.load_config("vitdet_x", [])
+
+
+def test_analyze_detector_counts_parameters_and_flops():
+    run = run_tool(
+        "tools/analyze_detector.py",
+        "--config-file",
+        "configs/mask_rcnn_hiera_t.py",
+        "--image-size",
+        "128",
+        *shrink_overrides(128),
+    )
+    out = run.stdout
+    assert "parameters: " in out and "backbone (Hiera)" in out
+    flops = [line for line in out.splitlines() if line.startswith("FLOPs at 128x128: ")]
+    assert len(flops) == 1 and float(flops[0].split()[3].rstrip("T")) > 0
+    assert "scaled_dot_product_attention" in out  # attention is counted
