@@ -98,11 +98,17 @@ def detection_opts(tiny_coco) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def detection_reference(detection_opts, tmp_path_factory) -> dict[int, dict]:
-    """Losses of an uninterrupted single-process run."""
+def detection_reference_run(detection_opts, tmp_path_factory) -> Path:
+    """The output folder of an uninterrupted single-process run."""
     output = tmp_path_factory.mktemp("detection_reference")
     _run(DETECTION_CONFIG, output, detection_opts)
-    losses = _losses(output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def detection_reference(detection_reference_run) -> dict[int, dict]:
+    """Losses of an uninterrupted single-process run."""
+    losses = _losses(detection_reference_run)
     assert sorted(losses) == list(range(6))
     assert len({round(r["total_loss"], 6) for r in losses.values()}) == 6
     return losses
@@ -139,6 +145,32 @@ def test_two_cpu_processes_train_like_one(detection_opts, detection_reference, t
         for key in ("loss_rpn_cls", "loss_rpn_loc"):
             assert two[it][key] == pytest.approx(one[it][key], rel=2e-3, abs=1e-5), (it, key)
         assert two[it]["loss_cls"] == pytest.approx(one[it]["loss_cls"], rel=2e-3), it
+
+
+def _copypaste(log: str) -> list[str]:
+    """Detectron2's `copypaste:` result lines (task names, metric names and values)."""
+    return [line.split("copypaste: ", 1)[1] for line in log.splitlines() if "copypaste: " in line]
+
+
+def test_eval_only_on_two_cpu_processes_matches_one(
+    detection_opts, detection_reference_run, tmp_path
+):
+    """`--eval-only --num-gpus 2` on the CPU: each process runs half of the images, rank 0
+    gathers the predictions and evaluates; the AP tables equal those of one process."""
+    opts = detection_opts + [
+        f"train.init_checkpoint={detection_reference_run / 'model_final.pth'}",
+        "model.roi_heads.box_predictor.test_score_thresh=0.0",  # detections for every image
+    ]
+    _run(DETECTION_CONFIG, tmp_path / "one", opts, "--eval-only")
+    _run(DETECTION_CONFIG, tmp_path / "two", opts, "--eval-only", "--num-gpus", "2",
+         "--dist-url", "auto")  # fmt: skip
+    one = _copypaste((tmp_path / "one" / "log.txt").read_text())
+    two_log = (tmp_path / "two" / "log.txt").read_text()
+    assert "World size: 2" in two_log
+    assert one == _copypaste(two_log)
+    assert [line for line in one if line.startswith("Task: ")] == ["Task: bbox", "Task: segm"]
+    values = [float(v) for line in one[2::3] for v in line.split(",") if v != "nan"]
+    assert values and any(v > 0 for v in values)  # a real comparison, not zeros against zeros
 
 
 @pytest.fixture(scope="module")
