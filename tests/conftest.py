@@ -68,6 +68,14 @@ def tiny_coco(tmp_path_factory) -> SimpleNamespace:
     return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
+def is_ln(norm) -> bool:
+    """A config's `norm` / `conv_norm` is the paper's channels-first LayerNorm as the configs build
+    it: ``L(channel_layer_norm)()`` (Detectron2's "LN", fused)."""
+    from hiera_det.modeling import channel_layer_norm
+
+    return getattr(norm, "_target_", None) is channel_layer_norm
+
+
 def shrink_overrides(image_size: int = 128) -> list[str]:
     """``key=value`` overrides (for `LazyConfig.apply_overrides` or train_net.py) that shrink a
     Mask R-CNN Hiera config to a tiny model on small images, keeping every kind of part: mask unit,

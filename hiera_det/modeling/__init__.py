@@ -22,9 +22,10 @@ __all__ = [
     "unroll",
 ]
 
+from .norm import ChannelLayerNorm, channel_layer_norm  # noqa: E402
 from .rpn import ConvNormRPNHead  # noqa: E402
 
-__all__ += ["ConvNormRPNHead"]
+__all__ += ["ChannelLayerNorm", "ConvNormRPNHead", "channel_layer_norm"]
 
 from .mae import MaskedAutoencoderHiera, build_mae, convert_mae_checkpoint  # noqa: E402
 

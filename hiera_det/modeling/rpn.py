@@ -9,7 +9,7 @@ parameter names ``conv.conv{k}.*``, ``objectness_logits.*``, ``anchor_deltas.*``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, get_norm
@@ -29,8 +29,10 @@ class ConvNormRPNHead(StandardRPNHead):
         box_dim: box regression outputs per anchor.
         conv_dims: output channels of the hidden convs; -1 keeps the input width. ViTDet and
             Hiera use two: ``(-1, -1)``.
-        conv_norm: a Detectron2 norm name (`detectron2.layers.get_norm`): "LN" is the
-            channels-first LayerNorm the FPN and RoI heads use. "" gives `StandardRPNHead`.
+        conv_norm: what `detectron2.layers.get_norm` takes: a norm name ("LN" is the
+            channels-first LayerNorm the FPN and RoI heads use; "" gives `StandardRPNHead`) or a
+            callable ``channels -> module`` (the configs pass `channel_layer_norm()`, the same
+            LN computed faster).
     """
 
     @configurable
@@ -41,7 +43,7 @@ class ConvNormRPNHead(StandardRPNHead):
         num_anchors: int,
         box_dim: int = 4,
         conv_dims: Sequence[int] = (-1, -1),
-        conv_norm: str = "LN",
+        conv_norm: str | Callable[[int], nn.Module] = "LN",
     ):
         # `StandardRPNHead.__init__` builds the convs through `_get_rpn_conv`, so the norm must be
         # known before it runs (a plain attribute may be set before `nn.Module.__init__`).

@@ -13,14 +13,17 @@ comparison detection methods" (Appendix A.2). Paper: 51.6 AP box, 45.9 AP mask (
 from functools import partial
 
 from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 
+from hiera_det.modeling import channel_layer_norm
 from hiera_det.modeling.simple_fpn import SimpleFeaturePyramid
 
 from .....configs.mask_rcnn_hiera_b import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model.backbone
 model.backbone._target_ = SimpleFeaturePyramid
+model.backbone.norm = L(channel_layer_norm)()  # the LN of the Hiera configs' necks and heads
 
 train.init_checkpoint = (
     "detectron2://ImageNetPretrained/MAE/mae_pretrain_vit_base.pth?matching_heuristics=True"
