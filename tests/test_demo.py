@@ -1,11 +1,11 @@
 """demo.py: draws predictions for image files and folders; names bad inputs."""
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
@@ -19,10 +19,7 @@ CONFIG = str(ROOT / "configs" / "quickstart.py")
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo.py", "demo")
 
 
 @pytest.fixture(scope="module")

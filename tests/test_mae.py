@@ -6,21 +6,13 @@ import torch
 from hiera_det.modeling import Hiera
 from hiera_det.modeling.mae import MaskedAutoencoderHiera, build_mae, convert_mae_checkpoint
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 hiera_mae = pytest.importorskip("hiera.hiera_mae")
 
 # A small MAE both implementations can build: 128 px = 4x4 mask units, decoder 2 blocks wide 32.
 TINY_ENCODER = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 1))
 TINY_DECODER = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more intra-op threads; on a busy shared machine threads that
-    wait for each other make small ops many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_pair(seed: int = 0):

@@ -1,6 +1,5 @@
 """MAE pretraining end to end: configs, train_net.py, checkpoints -> detector, resume, pictures."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from detectron2.config import LazyConfig, instantiate
 from PIL import Image
 
@@ -25,6 +25,8 @@ from hiera_det.mae.visualize import (
 )
 from hiera_det.modeling import build_hiera
 from hiera_det.modeling.mae import build_mae
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"t": 0.0, "s": 0.0, "b": 0.2, "b_plus": 0.2, "l": 0.2, "h": 0.3}
@@ -44,21 +46,8 @@ SHRINK = [
 TINY_STAGES = "model.encoder.stages=[1,1,2,1]"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more intra-op threads; on a busy shared machine threads that
-    wait for each other make small ops many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py", "train_net")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """configs/quickstart.py: what it sets, and train_net.py runs it end to end (train a few
 iterations, evaluate, draw pictures) on a tiny synthetic dataset."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import cv2
 import pytest
+from conftest import load_script
 from detectron2.config import LazyConfig, instantiate
 
 from hiera_det.data.synthetic import SyntheticSpec, register_synthetic
@@ -22,10 +22,7 @@ TINY = SyntheticSpec(num_train=6, num_val=3, image_size=(128, 128), seed=3)
 
 
 def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py", "train_net")
 
 
 def test_config_is_a_small_hiera_on_the_synthetic_dataset(tmp_path, monkeypatch):

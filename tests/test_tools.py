@@ -1,14 +1,13 @@
 """tools/benchmark.py and tools/analyze_detector.py run end to end on a shrunk config (tiny Hiera,
 128 px), and the benchmark's built-in model names resolve."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import shrink_overrides
+from conftest import load_script, shrink_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -23,10 +22,7 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools/benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/benchmark.py", "benchmark_tool")
 
 
 @pytest.mark.parametrize("task", ["inference", "train"])

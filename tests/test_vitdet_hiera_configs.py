@@ -26,22 +26,14 @@ from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.modeling import Hiera, build_hiera
 from hiera_det.modeling.simple_fpn import SimpleFeaturePyramid
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_CONFIGS = ROOT / "projects" / "ViTDet-Hiera" / "configs"
 CONFIGS = sorted(p for p in PROJECT_CONFIGS.rglob("*.py") if "common" not in p.parts)
 IMAGE_SIZE = 128
 DATASET = "vitdet_hiera_test_shapes"
 NUM_CLASSES = 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more intra-op threads, and on a busy machine threads that
-    wait for each other make small ops many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def load(path: Path):
