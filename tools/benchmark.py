@@ -177,7 +177,9 @@ def worker(args) -> dict:
         result["peak_mem_MB"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_mem_MB"] = peak_rss_mb()
-        result["peak_growth_MB"] = peak_rss_mb() - base
+        # ru_maxrss can lag the current RSS (statm) a little: a model that needs no new memory
+        # (a tiny one) may read slightly below 0.
+        result["peak_growth_MB"] = max(peak_rss_mb() - base, 0.0)
     med = statistics.median(times)
     result.update(median_s=med, min_s=min(times), max_s=max(times), images_per_s=args.batch / med)
     if "flops_G" in result:
@@ -238,7 +240,9 @@ def main() -> None:
     header = f"{'model':<42}{'params':>9}{'GFLOPs':>9}{'median s':>10}{'min s':>8}{'max s':>8}"
     header += f"{'img/s':>8}{'peak MB':>9}{'growth MB':>10}{'time ratio':>11}{'mem ratio':>10}"
     print(header)
-    mem_key = "peak_growth_MB" if "peak_growth_MB" in first else "peak_mem_MB"
+    # Memory ratio: of the growth during the steps (CPU) where the first model has any, else of
+    # the peak (CUDA, or a model too small to grow the process).
+    mem_key = "peak_growth_MB" if first.get("peak_growth_MB", 0) > 0 else "peak_mem_MB"
     for r in results:
         flops = f"{r['flops_G']:.0f}" if "flops_G" in r else "-"
         growth = f"{r['peak_growth_MB']:.0f}" if "peak_growth_MB" in r else "-"
@@ -247,7 +251,7 @@ def main() -> None:
             f"{r['min_s']:>8.3f}{r['max_s']:>8.3f}{r['images_per_s']:>8.2f}"
             f"{r['peak_mem_MB']:>9.0f}{growth:>10}"
             f"{r['median_s'] / first['median_s']:>11.2f}"
-            f"{r[mem_key] / max(first[mem_key], 1e-9):>10.2f}"
+            f"{r[mem_key] / first[mem_key]:>10.2f}"
         )
     if args.peak:
         fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
