@@ -365,7 +365,7 @@ def test_loader_computes_repeat_factors_from_its_dicts():
     expected = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, 0.5)
     assert expected.tolist() == [1, 1, 1, 2, 1, 1, 1, 1]
     sampler = loader.sampler
-    assert torch.equal(sampler._int_part + sampler._frac_part, expected)
+    assert torch.equal(sampler.repeat_factors, expected)
     values = [v for batch in _take(loader, 9) for v in batch]  # exactly 4 epochs of 9 samples
     assert values.count(3) == 8 and all(values.count(v) == 4 for v in set(values) - {3})
     with pytest.raises(ValueError, match="not both"):

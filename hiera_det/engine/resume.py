@@ -137,11 +137,11 @@ class ResumableTrainingSampler(Sampler):
             raise ValueError(f"{len(group_ids)} group ids for {size} images")
         self.size, self.total_batch_size, self.shuffle = size, total_batch_size, shuffle
         self.group_ids = None if group_ids is None else np.asarray(group_ids)
-        self._int_part = self._frac_part = None
+        self.repeat_factors = self._int_part = self._frac_part = None
         if repeat_factors is not None:
-            factors = _check_repeat_factors(repeat_factors, size)
-            self._int_part = torch.trunc(factors)
-            self._frac_part = factors - self._int_part
+            self.repeat_factors = _check_repeat_factors(repeat_factors, size)  # float64 tensor
+            self._int_part = torch.trunc(self.repeat_factors)
+            self._frac_part = self.repeat_factors - self._int_part
         self.seed = _shared_seed(seed)
         self.start_iter = 0
         self.batch_size = total_batch_size // world  # per process
@@ -369,7 +369,7 @@ def build_resumable_train_loader(
         repeat_factors=repeat_factors,
     )
     if repeat_factors is not None:
-        factors = sampler._int_part + sampler._frac_part
+        factors = sampler.repeat_factors
         logger.info(
             f"Repeat-factor sampling: {float(factors.sum()):.0f} samples per epoch of "
             f"{len(dataset)} images in expectation (factors {float(factors.min()):.2f} to "
