@@ -1,5 +1,6 @@
-"""Resumable data stream, per-step seeding and the checkpoint guards (hiera_det.engine.resume),
-in process. End-to-end kill/resume runs of train_net.py are in test_reliability_train.py."""
+"""Resumable data stream (hiera_det.data.sampling), per-step seeding and the checkpoint guards
+(hiera_det.engine.hooks), in process. End-to-end kill/resume runs of train_net.py are in
+test_reliability_train.py."""
 
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from hiera_det.checkpoint import HieraCheckpointer
-from hiera_det.engine.resume import (
-    DeterministicSteps,
-    FiniteParametersCheck,
+from hiera_det.data.sampling import (
     ResumableTrainingSampler,
     SeededMapDataset,
     build_resumable_train_loader,
     derive_seed,
 )
+from hiera_det.engine.hooks import DeterministicSteps, FiniteParametersCheck
 
 
 def _take(iterable, n):

@@ -339,7 +339,7 @@ def test_lvis_configs_exist_for_b_and_l():
 @pytest.mark.parametrize("path", LVIS_CONFIGS, ids=config_id)
 def test_lvis_config_has_vitdet_lvis_settings(path: Path):
     from hiera_det.data.lvis import build_lvis_evaluator, fed_loss_cls_weights
-    from hiera_det.engine.resume import build_resumable_train_loader
+    from hiera_det.data.sampling import build_resumable_train_loader
 
     cfg = load(path)
     coco = LazyConfig.load(str(ROOT / "configs" / path.name))

@@ -15,7 +15,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from hiera_det.data.robust import RobustDatasetMapper
-from hiera_det.engine.resume import build_resumable_train_loader
+from hiera_det.data.sampling import build_resumable_train_loader
 
 image_size = 1024
 

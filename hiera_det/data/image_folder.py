@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
-from ..engine.resume import ResumableTrainingSampler, SeededMapDataset, preserved_rngs
+from .sampling import ResumableTrainingSampler, SeededMapDataset, preserved_rngs
 
 __all__ = [
     "IMAGENET_MEAN",

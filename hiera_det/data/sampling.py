@@ -19,14 +19,13 @@ is a pure function of ``(seed, iteration, ...)`` instead of a stream's history:
    `SeededMapDataset` loads and maps the sample under RNGs seeded with it (Python, NumPy, torch:
    Detectron2's augmentations and torchvision's draw from these), whatever process or loader
    worker runs it.
-3. `DeterministicSteps` (a hook) seeds the RNGs before every step from ``(seed, iteration, rank)``
-   (drop path, MAE masking, RPN/RoI sampling), points the loader at the trainer's start
-   iteration, and stores the seed in the checkpoint, so that a run started with a random seed
-   (``train.seed=-1``) also resumes on its own stream.
+3. `DeterministicSteps` (a hook, `hiera_det.engine.hooks`) seeds the RNGs before every step from
+   ``(seed, iteration, rank)`` (drop path, MAE masking, RPN/RoI sampling), points the loader at
+   the trainer's start iteration, and stores the seed in the checkpoint, so that a run started
+   with a random seed (``train.seed=-1``) also resumes on its own stream.
 
 The same pieces serve detection (`build_resumable_train_loader`, a drop-in for Detectron2's
-`build_detection_train_loader`) and MAE (`hiera_det.data.image_folder`). `FiniteParametersCheck`
-stops a run before a checkpoint would store non-finite weights.
+`build_detection_train_loader`) and MAE (its image-folder loader).
 """
 
 from __future__ import annotations
@@ -42,21 +41,20 @@ import torch
 from detectron2.data.build import build_batch_data_loader, build_detection_train_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.data.samplers import RepeatFactorTrainingSampler
-from detectron2.engine import HookBase
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
-    "DeterministicSteps",
-    "FiniteParametersCheck",
     "ResumableDataLoader",
     "ResumableTrainingSampler",
     "SeededMapDataset",
+    "aspect_ratio_groups",
     "build_resumable_train_loader",
     "derive_seed",
     "preserved_rngs",
     "seeded_rngs",
+    "shared_seed",
+    "step_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,7 +91,14 @@ def seeded_rngs(seed: int):
         yield
 
 
-def _shared_seed(seed: int | None) -> int:
+def step_seed(seed: int, iteration: int, rank: int) -> int:
+    """The seed of the model's random draws at `iteration` on process `rank`
+    (`hiera_det.engine.hooks.DeterministicSteps`)."""
+    return derive_seed(seed, _STEP, iteration, rank)
+
+
+def shared_seed(seed: int | None) -> int:
+    """`seed` if it is given and >= 0, else a random seed that all processes share."""
     return int(seed) if seed is not None and seed >= 0 else int(comm.shared_random_seed())
 
 
@@ -142,7 +147,7 @@ class ResumableTrainingSampler(Sampler):
             self.repeat_factors = _check_repeat_factors(repeat_factors, size)  # float64 tensor
             self._int_part = torch.trunc(self.repeat_factors)
             self._frac_part = self.repeat_factors - self._int_part
-        self.seed = _shared_seed(seed)
+        self.seed = shared_seed(seed)
         self.start_iter = 0
         self.batch_size = total_batch_size // world  # per process
         self._first_slot = comm.get_rank() * self.batch_size
@@ -291,6 +296,33 @@ class ResumableDataLoader:
             return iter(self.loader)
 
 
+def _resolve_repeat_factors(dataset, sampler, repeat_factors, repeat_thresh):
+    """``(repeat_factors, shuffle, sampler)`` from `build_resumable_train_loader`'s arguments:
+    factors computed from `repeat_thresh` or taken from a `RepeatFactorTrainingSampler` (then
+    ``sampler`` is None); another sampler is returned as is (Detectron2's loader then)."""
+    shuffle = True
+    if repeat_thresh is not None:
+        if repeat_factors is not None:
+            raise ValueError("pass repeat_factors or repeat_thresh, not both")
+        if not isinstance(dataset, list):
+            raise ValueError("repeat_thresh needs a list of dataset dicts with annotations")
+        repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dataset, repeat_thresh
+        )
+    if isinstance(sampler, RepeatFactorTrainingSampler):
+        if repeat_factors is not None:
+            raise ValueError("pass repeat_factors or a RepeatFactorTrainingSampler, not both")
+        repeat_factors = sampler._int_part + sampler._frac_part
+        shuffle = sampler._shuffle
+        sampler = None
+    if sampler is not None and repeat_factors is not None:
+        raise ValueError(
+            f"repeat_factors need the resumable sampler: pass them without sampler= "
+            f"({type(sampler).__name__})"
+        )
+    return repeat_factors, shuffle, sampler
+
+
 def build_resumable_train_loader(
     dataset,
     *,
@@ -323,27 +355,10 @@ def build_resumable_train_loader(
             sampler: this is Detectron2's `build_detection_train_loader`, not resumable (a
             resumed run logs that it reads a new data stream).
     """
-    shuffle = True
-    if repeat_thresh is not None:
-        if repeat_factors is not None:
-            raise ValueError("pass repeat_factors or repeat_thresh, not both")
-        if not isinstance(dataset, list):
-            raise ValueError("repeat_thresh needs a list of dataset dicts with annotations")
-        repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset, repeat_thresh
-        )
-    if isinstance(sampler, RepeatFactorTrainingSampler):
-        if repeat_factors is not None:
-            raise ValueError("pass repeat_factors or a RepeatFactorTrainingSampler, not both")
-        repeat_factors = sampler._int_part + sampler._frac_part
-        shuffle = sampler._shuffle
-        sampler = None
-    if sampler is not None:
-        if repeat_factors is not None:
-            raise ValueError(
-                f"repeat_factors need the resumable sampler: pass them without sampler= "
-                f"({type(sampler).__name__})"
-            )
+    repeat_factors, shuffle, sampler = _resolve_repeat_factors(
+        dataset, sampler, repeat_factors, repeat_thresh
+    )
+    if sampler is not None:  # not resumable: Detectron2's loader
         return build_detection_train_loader(
             dataset,
             mapper=mapper,
@@ -384,76 +399,3 @@ def build_resumable_train_loader(
         collate_fn=collate_fn,
     )
     return ResumableDataLoader(loader, sampler)
-
-
-class DeterministicSteps(HookBase):
-    """Seeds every step from ``(seed, iteration, rank)`` and starts the data stream at the
-    trainer's start iteration; checkpoints the seed. See the module docstring.
-
-    Args:
-        seed: ``train.seed``; None or < 0: a random seed shared by all processes, stored in the
-            checkpoint so that ``--resume`` continues the same stream.
-
-    The trainer's ``data_loader`` should have ``set_position(seed, start_iter)``
-    (`ResumableDataLoader`, the MAE loader); with another loader a resumed run starts a new data
-    stream (logged).
-    """
-
-    def __init__(self, seed: int | None = None):
-        self.seed = None if seed is None or seed < 0 else int(seed)
-
-    def before_train(self) -> None:
-        if self.seed is None:
-            self.seed = _shared_seed(None)
-        loader = self.trainer.data_loader
-        if hasattr(loader, "set_position"):
-            loader.set_position(self.seed, self.trainer.start_iter)
-            logger.info(
-                f"Data stream: seed {self.seed}, starting at iteration {self.trainer.start_iter}"
-            )
-        elif self.trainer.start_iter > 0:
-            logger.warning(
-                f"{type(loader).__name__} cannot start at iteration {self.trainer.start_iter}: "
-                "the resumed run reads a new data stream"
-            )
-
-    def before_step(self) -> None:
-        seed_all_rng(derive_seed(self.seed, _STEP, self.trainer.iter, comm.get_rank()))
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.seed = state_dict["seed"]
-
-
-class FiniteParametersCheck(HookBase):
-    """Raise `FloatingPointError` (naming the tensors) when a parameter holds NaN or inf after a
-    step that a checkpoint would save. Register it before the `PeriodicCheckpointer`: the last
-    good checkpoint then stays the last one.
-
-    (A non-finite *loss* already stops Detectron2's trainer before the optimizer step; this
-    catches a finite loss whose update overflowed.)
-
-    Args:
-        period: the checkpoint period; the check also runs after the last iteration.
-    """
-
-    def __init__(self, period: int):
-        self.period = period
-
-    def after_step(self) -> None:
-        next_iter = self.trainer.iter + 1
-        if next_iter % self.period and next_iter != self.trainer.max_iter:
-            return
-        model = self.trainer.model
-        params = [(n, p) for n, p in model.named_parameters()]
-        finite = torch.stack([p.detach().isfinite().all() for _, p in params]).cpu()
-        if bool(finite.all()):
-            return
-        bad = [n for (n, _), ok in zip(params, finite.tolist()) if not ok]
-        raise FloatingPointError(
-            f"after iteration {self.trainer.iter} {len(bad)} parameters hold NaN or inf (e.g. "
-            f"{', '.join(bad[:5])}); training stopped without writing this checkpoint. Resume "
-            "from the last one with a lower learning rate or stronger gradient clipping."
-        )
