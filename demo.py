@@ -6,7 +6,8 @@
 
 `--input` takes image files and folders (searched recursively); each drawing is written under
 `--output` with the input's name (keeping sub-folders of an input folder). The model is the
-config's, run by Detectron2's `DefaultPredictor` (`hiera_det.predictor_cfg`), with the weights
+config's, run by `hiera_det.predictor.RobustPredictor` (Detectron2's `DefaultPredictor` for any
+image mode: gray, palette, RGBA, 16-bit), with the weights
 named by ``train.init_checkpoint`` (or `--weights`). Class names come from the config's test
 dataset. An unreadable image is reported by path and skipped; the run then exits with status 1.
 """
@@ -25,13 +26,12 @@ import numpy as np
 from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
+from hiera_det.data.images import BadImageError, read_image_any
 from hiera_det.engine.visualize import draw_predictions
-from hiera_det.predictor import predictor_cfg
+from hiera_det.predictor import RobustPredictor, predictor_cfg
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SCORE_THRESH_KEY = "model.roi_heads.box_predictor.test_score_thresh"
@@ -86,7 +86,7 @@ def output_path(output_dir: Path, relative: Path) -> Path:
     return path
 
 
-def build_predictor(args) -> tuple[DefaultPredictor, Metadata]:
+def build_predictor(args) -> tuple[RobustPredictor, Metadata]:
     opts = list(args.opts)
     lazy = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), opts)
     weights = args.weights or lazy.train.get("init_checkpoint", "")
@@ -99,7 +99,7 @@ def build_predictor(args) -> tuple[DefaultPredictor, Metadata]:
     opts.append(f"{SCORE_THRESH_KEY}={args.confidence_threshold}")
     cfg = predictor_cfg(args.config_file, weights, opts)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
-    return DefaultPredictor(cfg), metadata
+    return RobustPredictor(cfg), metadata
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -114,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     written, failed = [], []
     for path, relative in tqdm(images, desc="demo", unit="img", disable=len(images) < 2):
         try:
-            image = read_image(str(path), format="BGR")
-        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for a damaged file
-            logger.warning(f"skipping {path}: cannot read it as an image ({e})")
+            image = read_image_any(str(path), "BGR")
+        except BadImageError as e:
+            logger.warning(f"skipping {path}: {e}")
             failed.append(path)
             continue
         instances = predictor(image)["instances"]

@@ -42,7 +42,7 @@ from detectron2.utils.logger import setup_logger
 from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.config_check import load_config
 from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
-from hiera_det.data.robust import validate_datasets
+from hiera_det.data.validation import validate_datasets
 from hiera_det.engine.hooks import DeterministicSteps, FiniteParametersCheck
 from hiera_det.mae import resolve_epoch_schedule
 

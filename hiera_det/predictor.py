@@ -1,4 +1,5 @@
-"""Detectron2's `DefaultPredictor` (and other yacs-based tools) for a LazyConfig model.
+"""Prediction on images: Detectron2's `DefaultPredictor` (and other yacs-based tools) for a
+LazyConfig model, and `RobustPredictor`, which also takes image files and arrays of any mode.
 
 `DefaultPredictor(cfg)` takes a yacs `CfgNode` and builds the model with
 ``build_model(cfg)`` = ``META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)``. We register one
@@ -6,11 +7,14 @@ meta-architecture, ``LazyConfigModel``, that instantiates ``model`` of the LazyC
 CfgNode, so the LazyConfig stays the only definition of the model. `predictor_cfg` fills the few
 yacs keys the predictor reads (weights, device, input format, test resize) from the same LazyConfig:
 
-    from detectron2.engine import DefaultPredictor
-    from hiera_det import predictor_cfg
+    from hiera_det.predictor import RobustPredictor, predictor_cfg
 
     cfg = predictor_cfg("output/config.yaml", "output/model_final.pth")
-    instances = DefaultPredictor(cfg)(bgr_image)["instances"]
+    instances = RobustPredictor(cfg)("photo.jpg")["instances"]  # or a BGR array
+
+`RobustPredictor` is `DefaultPredictor` (``DefaultPredictor(cfg)(bgr_image)`` works the same) that
+reads a file of any mode (gray, palette, CMYK, RGBA, 16-bit; `hiera_det.data.images`) and turns
+gray, RGBA, 16-bit or float arrays into the 8-bit BGR image `DefaultPredictor` takes.
 
 The config may be a config file (``configs/mask_rcnn_hiera_b.py`` + `opts`) or the
 ``config.yaml`` that train_net.py saves next to its checkpoints (it includes the command-line
@@ -23,12 +27,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-__all__ = ["LazyConfigModel", "predictor_cfg"]
+from .data.images import as_uint8_image, read_image_any
+
+__all__ = ["LazyConfigModel", "RobustPredictor", "predictor_cfg"]
 
 
 def _load(config_file: str, opts: Sequence[str]):
@@ -97,3 +105,15 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
     cfg.DATASETS.TEST = (names,) if isinstance(names, str) else tuple(names)
     cfg.freeze()
     return cfg
+
+
+class RobustPredictor(DefaultPredictor):
+    """Detectron2's `DefaultPredictor` that takes an image file (read with `read_image_any`) or an
+    array of any mode: ``[H, W]`` gray, ``[H, W, 1|2|3|4]``, uint8, 16-bit or float (see
+    `as_uint8_image`), with 3-4 channels in BGR order, as `DefaultPredictor` takes them (it flips
+    them itself for a model whose ``cfg.INPUT.FORMAT`` is RGB)."""
+
+    def __call__(self, image: np.ndarray | str | os.PathLike) -> dict:
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image_any(os.fspath(image), "BGR")
+        return super().__call__(as_uint8_image(image, "BGR"))

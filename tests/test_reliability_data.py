@@ -1,4 +1,5 @@
-"""Bad data: image modes, unreadable files, faulty annotations (hiera_det.data.robust)."""
+"""Bad data: image modes, unreadable files, faulty annotations (hiera_det.data.images,
+hiera_det.data.validation, hiera_det.data.mapper, hiera_det.predictor.RobustPredictor)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,9 @@ from detectron2.data import transforms as T
 from detectron2.data.datasets import load_coco_json
 from PIL import Image
 
-from hiera_det.data.robust import (
-    BadImageError,
-    DatasetError,
-    RobustDatasetMapper,
-    as_uint8_image,
-    find_annotation_problem,
-    read_image_any,
-    validate_coco_json,
-)
+from hiera_det.data.images import BadImageError, as_uint8_image, read_image_any
+from hiera_det.data.mapper import RobustDatasetMapper
+from hiera_det.data.validation import DatasetError, find_annotation_problem, validate_coco_json
 
 
 @pytest.fixture
@@ -184,6 +179,19 @@ def test_validate_stops_on_bad_files(coco, tmp_path):
         validate_coco_json(str(tmp_path / "nope.json"))
 
 
+def test_validate_reads_a_rewritten_file_again(coco):
+    """A file validated once and rewritten with other content of the same size (in the same
+    modification-time tick) is checked anew, not answered from what the first check learnt."""
+    json_file, root, content = coco
+    assert validate_coco_json(str(json_file), str(root)).skipped_annotations == {}
+    size = json_file.stat().st_size
+    content["annotations"][1]["id"] = 1  # was 2: same length, now a duplicate id
+    _write(json_file, content)
+    assert json_file.stat().st_size == size
+    with pytest.raises(DatasetError, match="duplicate annotation id 1"):
+        validate_coco_json(str(json_file), str(root))
+
+
 def test_detectron2_unknown_category_error_does_not_name_the_file(coco):
     """Why the validator exists: Detectron2's own loader fails without naming the file."""
     json_file, root, content = coco
@@ -228,7 +236,7 @@ def test_mapper_skips_bad_images_and_counts(coco, caplog):
         }  # fmt: skip
     )
     mapper = _mapper()
-    with caplog.at_level(logging.WARNING, logger="hiera_det.data.robust"):
+    with caplog.at_level(logging.WARNING, logger="hiera_det.data.mapper"):
         outputs = [mapper(d) for d in dicts]
     assert [o is None for o in outputs] == [True, True, True, False]
     assert mapper.num_skipped_images == 3 and mapper.num_skipped_annotations == 1
@@ -269,6 +277,39 @@ def test_mapper_reads_16bit_and_gray_images(coco):
     assert (image[0] == image[2]).all() and (image[1].numpy() == rgb[..., 1]).all()
 
 
+@pytest.mark.parametrize("is_train", [True, False])
+def test_mapper_maps_an_ordinary_image_as_detectron2_does(coco, is_train):
+    """For an 8-bit image with good annotations the robust mapper is Detectron2's `DatasetMapper`
+    (its read, then the same augmentation, tensors and instances)."""
+    from detectron2.data.dataset_mapper import DatasetMapper
+
+    json_file, root, _ = coco
+    dicts = load_coco_json(str(json_file), str(root))
+    kwargs = dict(
+        is_train=is_train,
+        augmentations=[T.RandomFlip(0.5), T.ResizeShortestEdge((48, 64, 80), 96, "choice")],
+        image_format="RGB",
+        use_instance_mask=True,
+        recompute_boxes=True,
+    )
+    for index, d in enumerate(dicts):
+        torch.manual_seed(index), np.random.seed(index)
+        ours = RobustDatasetMapper(**kwargs)(d)
+        torch.manual_seed(index), np.random.seed(index)
+        theirs = DatasetMapper(**kwargs)(d)
+        assert ours.keys() == theirs.keys()
+        assert torch.equal(ours["image"], theirs["image"])
+        assert ("instances" in ours) == is_train
+        if is_train:
+            a, b = ours["instances"], theirs["instances"]
+            assert len(a) == len(b) > 0
+            assert torch.equal(a.gt_boxes.tensor, b.gt_boxes.tensor)
+            assert torch.equal(a.gt_classes, b.gt_classes)
+            assert [p.tolist() for p in a.gt_masks.polygons[0]] == [
+                p.tolist() for p in b.gt_masks.polygons[0]
+            ]
+
+
 # --- prediction ---------------------------------------------------------------------------------
 
 
@@ -278,7 +319,7 @@ def predictor():
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
-    from hiera_det.data.robust import RobustPredictor
+    from hiera_det.predictor import RobustPredictor
 
     cfg = get_cfg()
     cfg.merge_from_file(
@@ -322,3 +363,20 @@ def test_predictor_takes_every_image_mode_and_size(predictor, tmp_path):
     a = predictor(gray)["instances"].scores
     for same in (gray.astype(np.uint16) * 257, gray / 255.0, np.repeat(gray[..., None], 3, 2)):
         assert torch.equal(predictor(same)["instances"].scores, a)
+
+
+def test_predictor_reads_a_file_as_default_predictor_reads_its_bgr_array(
+    predictor, tmp_path, monkeypatch
+):
+    """A file goes to the model as `DefaultPredictor` sends the BGR array OpenCV reads from it
+    (the predictor's model takes RGB: `DefaultPredictor` flips BGR itself)."""
+    from detectron2.engine import DefaultPredictor
+
+    rng = np.random.default_rng(1)
+    cv2.imwrite(str(tmp_path / "colour.png"), rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    seen = []
+    monkeypatch.setattr(predictor, "model", lambda inputs: seen.append(inputs[0]) or [{}])
+    predictor(str(tmp_path / "colour.png"))
+    DefaultPredictor.__call__(predictor, cv2.imread(str(tmp_path / "colour.png")))
+    assert predictor.input_format == "RGB"
+    assert torch.equal(seen[0]["image"], seen[1]["image"])

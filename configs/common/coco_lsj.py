@@ -14,7 +14,7 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from hiera_det.data.robust import RobustDatasetMapper
+from hiera_det.data.mapper import RobustDatasetMapper
 from hiera_det.data.sampling import build_resumable_train_loader
 
 image_size = 1024

@@ -1,0 +1,345 @@
+"""COCO instances files checked before training: `validate_coco_json` **stops**
+(`DatasetError`, naming the file and the annotation or image id) on what would make the run wrong
+(malformed json, unknown category ids, annotations of unknown images, duplicate ids, a bbox that is
+not 4 numbers, no image file at all) and **counts and reports** (with examples) what training will
+skip (empty or degenerate polygons, empty boxes, boxes wholly outside their image, missing image
+files). `find_annotation_problem` is the one definition of a bad annotation, shared with the
+training-time `hiera_det.data.mapper.RobustDatasetMapper`. Policies in docs/reliability.md.
+
+A file is parsed once per process however often it is validated (registration in
+`hiera_det.data.datasets` and train_net's check both validate it): what the checks learn from its
+content is kept, keyed by a digest of the bytes (not by modification time, which may not change
+when a file is rewritten within the file system's timestamp granularity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.structures import BoxMode
+from detectron2.structures.masks import polygon_area
+
+__all__ = [
+    "DatasetError",
+    "ValidationReport",
+    "find_annotation_problem",
+    "validate_coco_json",
+    "validate_datasets",
+]
+
+logger = logging.getLogger(__name__)
+
+_EXAMPLES = 5  # examples named per kind of problem in a report
+_CACHED_FILES = 4  # checked contents kept (a run reads a train and a test file)
+
+
+class DatasetError(ValueError):
+    """A dataset problem that must be fixed before training (raised before the first step)."""
+
+
+def find_annotation_problem(annotation: Mapping, width: int, height: int) -> str | None:
+    """Why an instance annotation cannot be trained on, or None if it can.
+
+    `annotation` is a COCO annotation (``bbox`` is XYWH) or a Detectron2 dataset-dict annotation
+    (``bbox_mode`` says). Boxes partly outside the image are fine (clipped by the mapper); rejected
+    are: a bbox that is not 4 finite numbers, an empty box, a box wholly outside the image, and a
+    segmentation with no usable polygon (each needs >= 3 points and a non-zero area) or an RLE of
+    another size than the image.
+    """
+    found = _check_annotation(annotation, width, height)
+    return None if found is None else f"{found[0]}: {found[1]}"
+
+
+def _check_annotation(annotation: Mapping, width: int, height: int) -> tuple[str, str] | None:
+    """(kind of problem, details) or None; see `find_annotation_problem`."""
+    bbox = annotation.get("bbox")
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+    ):
+        return "bad bbox", f"{bbox!r} is not 4 finite numbers"
+    mode = annotation.get("bbox_mode", BoxMode.XYWH_ABS)
+    x0, y0, x1, y1 = BoxMode.convert(list(bbox), mode, BoxMode.XYXY_ABS)
+    if x1 <= x0 or y1 <= y0:
+        return "empty box", f"{list(bbox)} has a width or height <= 0"
+    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
+        return "box outside the image", f"{list(bbox)} in a {width}x{height} image"
+    segm = annotation.get("segmentation")
+    if segm is None:
+        return None
+    if isinstance(segm, dict):  # RLE
+        size = segm.get("size")
+        if "counts" not in segm or size is None:
+            return "bad RLE", "no 'counts' or 'size'"
+        if list(size) != [height, width]:
+            return "bad RLE", f"size {list(size)} in a {height}x{width} image"
+        return None
+    if not isinstance(segm, list):
+        return "bad segmentation", f"of type {type(segm).__name__} (expected polygons or RLE)"
+    polygons = [
+        p
+        for p in segm
+        if isinstance(p, list)
+        and len(p) >= 6
+        and len(p) % 2 == 0
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+    ]
+    if not polygons:
+        if not segm:
+            return "empty segmentation", "no polygon"
+        return "bad polygon", f"none of {len(segm)} polygons has >= 3 points"
+    if all(
+        polygon_area(np.asarray(p[0::2], float), np.asarray(p[1::2], float)) <= 0 for p in polygons
+    ):
+        return "degenerate polygon", "zero area"
+    return None
+
+
+@dataclass
+class ValidationReport:
+    """What `validate_coco_json` found in a file that training can go on with.
+
+    ``skipped_annotations``: problem -> annotation ids that training will skip;
+    ``missing_images``: image file names not found (training skips those images);
+    ``num_categories``: the length of the file's ``categories``.
+    """
+
+    json_file: str
+    num_images: int = 0
+    num_annotations: int = 0
+    skipped_annotations: dict[str, list] = field(default_factory=dict)
+    missing_images: list[str] = field(default_factory=list)
+    num_categories: int = 0
+
+    @property
+    def num_skipped_annotations(self) -> int:
+        return sum(len(ids) for ids in self.skipped_annotations.values())
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.json_file}: {self.num_images} images, {self.num_annotations} annotations; "
+            f"training skips {self.num_skipped_annotations} annotations and "
+            f"{len(self.missing_images)} missing images"
+        ]
+        for problem, ids in sorted(self.skipped_annotations.items()):
+            shown = ", ".join(str(i) for i in ids[:_EXAMPLES])
+            lines.append(
+                f"  {len(ids)} x {problem}: annotation id {shown}" + " ..." * (len(ids) > _EXAMPLES)
+            )
+        if self.missing_images:
+            shown = ", ".join(self.missing_images[:_EXAMPLES])
+            more = " ..." * (len(self.missing_images) > _EXAMPLES)
+            lines.append(f"  {len(self.missing_images)} image files not found: {shown}{more}")
+        return "\n".join(lines)
+
+
+def _existing_files(image_root: str, file_names: Iterable[str]) -> set[str]:
+    """The `file_names` (relative to `image_root`) that exist: one directory listing per folder
+    instead of a stat per file (COCO has 118k images, often on a network file system)."""
+    listed: dict[str, set[str]] = {}
+    found = set()
+    for name in file_names:
+        folder, base = os.path.split(os.path.join(image_root, name))
+        if folder not in listed:
+            try:
+                listed[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
+            except OSError:
+                listed[folder] = set()
+        if base in listed[folder]:
+            found.add(name)
+    return found
+
+
+def _fail(json_file: str, what: str) -> DatasetError:
+    return DatasetError(f"{json_file}: {what}. Fix the annotation file; training has not started.")
+
+
+@dataclass(frozen=True)
+class _CheckedContent:
+    """What the checks learn from a file's content alone (no file-system lookups)."""
+
+    num_images: int
+    num_annotations: int
+    num_categories: int
+    skipped_annotations: dict[str, tuple]
+    file_names: tuple[str, ...]
+
+
+_checked: OrderedDict[bytes, _CheckedContent] = OrderedDict()  # digest -> content, LRU order
+
+
+def _load_json(json_file: str) -> tuple[bytes, object]:
+    """(digest of the bytes, parsed content or None when a file of that digest is cached)."""
+    try:
+        with open(json_file, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise DatasetError(f"annotation file not found: {json_file}") from e
+    digest = hashlib.sha256(data).digest()
+    if digest in _checked:
+        return digest, None
+    try:
+        return digest, json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(json_file, f"not valid JSON ({e})") from e
+
+
+def _check_categories(json_file: str, content) -> set[int]:
+    """The category ids, after checking the top level and ``categories``."""
+    if not isinstance(content, dict):
+        raise _fail(json_file, f"top level is a {type(content).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(content.get(key), list):
+            raise _fail(json_file, f"no {key!r} list (not a COCO instances file)")
+    categories = content["categories"]
+    if not categories:
+        raise _fail(json_file, "'categories' is empty")
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
+            raise _fail(json_file, f"categories[{i}] = {cat!r} needs an integer 'id' and a 'name'")
+    category_ids = [c["id"] for c in categories]
+    duplicates = [i for i, n in Counter(category_ids).items() if n > 1]
+    if duplicates:
+        raise _fail(json_file, f"duplicate category ids {duplicates}")
+    return set(category_ids)
+
+
+def _check_images(json_file: str, images: list) -> dict[int, tuple[int, int]]:
+    """Image id -> (width, height), after checking every image entry."""
+    sizes: dict[int, tuple[int, int]] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int):
+            raise _fail(json_file, f"images[{i}] has no integer 'id'")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise _fail(json_file, f"image id {img['id']} has no 'file_name'")
+        w, h = img.get("width"), img.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            raise _fail(
+                json_file,
+                f"image id {img['id']} ({img['file_name']}) has width={w!r}, height={h!r}; "
+                "both must be positive integers",
+            )
+        if img["id"] in sizes:
+            raise _fail(json_file, f"duplicate image id {img['id']} ({img['file_name']})")
+        sizes[img["id"]] = (w, h)
+    return sizes
+
+
+def _check_annotations(
+    json_file: str, annotations: list, sizes: dict[int, tuple[int, int]], known: set[int]
+) -> dict[str, list]:
+    """Problem -> ids of the annotations training skips, after checking every annotation."""
+    skipped: dict[str, list] = {}
+    seen_ids = set()
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise _fail(json_file, f"annotations[{i}] is a {type(ann).__name__}, not an object")
+        ann_id = ann.get("id", f"#{i}")
+        if ann_id in seen_ids:
+            raise _fail(json_file, f"duplicate annotation id {ann_id}")
+        seen_ids.add(ann_id)
+        if ann.get("image_id") not in sizes:
+            raise _fail(
+                json_file,
+                f"annotation id {ann_id} refers to unknown image id {ann.get('image_id')!r}",
+            )
+        if ann.get("category_id") not in known:
+            raise _fail(
+                json_file,
+                f"annotation id {ann_id} (image id {ann['image_id']}) has category_id "
+                f"{ann.get('category_id')!r}, which is not in 'categories' "
+                f"(ids {sorted(known)[:20]}{' ...' * (len(known) > 20)})",
+            )
+        problem = _check_annotation(ann, *sizes[ann["image_id"]])
+        if problem is not None and problem[0] == "bad bbox":  # Detectron2's loader would fail
+            raise _fail(json_file, f"annotation id {ann_id}: bbox {problem[1]}")
+        if problem is not None:
+            skipped.setdefault(problem[0], []).append(ann_id)
+    return skipped
+
+
+def _checked_content(json_file: str) -> _CheckedContent:
+    """Parse and check `json_file`, or take what an earlier call learnt from the same bytes."""
+    digest, content = _load_json(json_file)
+    if content is None:
+        _checked.move_to_end(digest)
+        return _checked[digest]
+    known = _check_categories(json_file, content)
+    sizes = _check_images(json_file, content["images"])
+    skipped = _check_annotations(json_file, content["annotations"], sizes, known)
+    checked = _CheckedContent(
+        num_images=len(content["images"]),
+        num_annotations=len(content["annotations"]),
+        num_categories=len(content["categories"]),
+        skipped_annotations={k: tuple(v) for k, v in skipped.items()},
+        file_names=tuple(img["file_name"] for img in content["images"]),
+    )
+    _checked[digest] = checked
+    while len(_checked) > _CACHED_FILES:
+        _checked.popitem(last=False)
+    return checked
+
+
+def validate_coco_json(
+    json_file: str, image_root: str | None = None, check_files: bool = True
+) -> ValidationReport:
+    """Check a COCO instances file before training; see the module docstring for the policy.
+
+    Args:
+        json_file: the instances json.
+        image_root: folder the images' ``file_name`` are relative to (for `check_files`).
+        check_files: look for every image file (one directory listing per folder).
+
+    Raises:
+        DatasetError: a problem that stops training, naming the file and the ids at fault.
+    """
+    checked = _checked_content(json_file)
+    report = ValidationReport(
+        json_file,
+        checked.num_images,
+        checked.num_annotations,
+        {problem: list(ids) for problem, ids in checked.skipped_annotations.items()},
+        num_categories=checked.num_categories,
+    )
+    names = checked.file_names
+    if check_files and image_root is not None and names:
+        found = _existing_files(image_root, names)
+        report.missing_images = [n for n in names if n not in found]
+        if not found:
+            raise _fail(
+                json_file,
+                f"none of its {len(names)} image files is under {image_root} (e.g. "
+                f"{os.path.join(image_root, names[0])}); is the image folder right?",
+            )
+    return report
+
+
+def validate_datasets(
+    names: str | Iterable[str], check_files: bool = True
+) -> list[ValidationReport]:
+    """`validate_coco_json` for each named dataset registered from a COCO json (Detectron2's
+    `register_coco_instances`, built-in COCO); others are left alone. Logs each report."""
+    reports = []
+    for name in [names] if isinstance(names, str) else names:
+        meta = MetadataCatalog.get(name)
+        json_file = meta.get("json_file")
+        if not json_file or not os.path.isfile(json_file):
+            continue  # not a COCO-json dataset, or generated on first use
+        report = validate_coco_json(json_file, meta.get("image_root"), check_files)
+        (
+            logger.warning
+            if report.num_skipped_annotations or report.missing_images
+            else logger.info
+        )(f"dataset {name!r}: {report}")
+        reports.append(report)
+    return reports
