@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shrink_overrides
+from conftest import shrink_overrides, write_tiny_coco
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
@@ -119,3 +119,28 @@ def test_bad_dataset_argument(tiny_coco, tmp_path):
     cfg.dataset.train = ["x", str(tmp_path / "nope.json"), tiny_coco.image_root]
     with pytest.raises(FileNotFoundError, match="nope.json"):
         apply_dataset_config(cfg)
+
+
+def test_pre_training_check_parses_the_json_once(tmp_path, monkeypatch):
+    """Registering a user's COCO json (train and test) and train_net's checks before training
+    parse it once (Detectron2's loader parses it again when the training loader is built)."""
+    data = write_tiny_coco(tmp_path)
+    content = json.loads(Path(data.json_file).read_text())
+    content["info"] = {"description": str(tmp_path)}  # bytes that no other test had checked
+    text = json.dumps(content)
+    Path(data.json_file).write_text(text)
+    parses = []
+    loads = json.loads  # json.load calls json.loads too
+
+    def counting_loads(s, *args, **kwargs):
+        parses.append((s.decode() if isinstance(s, bytes) else s) == text)
+        return loads(s, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting_loads)
+    entry = f"[parse_once,{data.json_file},{data.image_root}]"
+    cfg = LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_t.py"))
+    cfg = LazyConfig.apply_overrides(cfg, [f"dataset.train={entry}", f"dataset.test={entry}"])
+    apply_dataset_config(cfg)  # as train_net.main does, then its check
+    train_net.check_datasets(cfg, eval_only=False)
+    assert cfg.dataloader.train.dataset.names == "parse_once"
+    assert parses.count(True) == 1

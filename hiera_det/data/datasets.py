@@ -14,13 +14,14 @@ the evaluator at them and sets the detector's number of classes to the json's ca
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+
+from .validation import DatasetError, validate_coco_json
 
 __all__ = ["apply_dataset_config", "check_dataset_files", "register_coco_format"]
 
@@ -30,22 +31,20 @@ logger = logging.getLogger(__name__)
 def register_coco_format(name: str, json_file: str, image_root: str) -> int:
     """Register a COCO-format instances dataset under `name`; return its number of categories.
 
-    Registering the same name again with the same files is a no-op; with other files, an error.
+    The json is checked by `validate_coco_json` (without looking for the image files), which
+    raises `DatasetError` on what would make training wrong; train_net's later check of the same
+    file does not parse it again. Registering the same name again with the same files is a no-op;
+    with other files, an error.
     """
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"dataset {name!r}: annotation file not found: {json_file}")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset {name!r}: image folder not found: {image_root}")
-    with open(json_file) as f:
-        content = json.load(f)
-    for key in ("images", "annotations", "categories"):
-        if key not in content:
-            raise ValueError(
-                f"dataset {name!r}: {json_file} is not a COCO instances file (no {key!r} key)"
-            )
-    if not content["categories"]:
-        raise ValueError(f"dataset {name!r}: {json_file} lists no categories")
+    try:
+        report = validate_coco_json(json_file, check_files=False)
+    except DatasetError as e:
+        raise DatasetError(f"dataset {name!r}: {e}") from e
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (meta.get("json_file"), meta.get("image_root")) != (json_file, image_root):
@@ -55,7 +54,7 @@ def register_coco_format(name: str, json_file: str, image_root: str) -> int:
             )
     else:
         register_coco_instances(name, {}, json_file, image_root)
-    return len(content["categories"])
+    return report.num_categories
 
 
 def _names(names: str | Iterable[str]) -> list[str]:
