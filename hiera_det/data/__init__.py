@@ -1,3 +1,6 @@
-"""Datasets: `image_folder` (images for MAE pretraining) and `synthetic` (the built-in shapes
-dataset). Submodules are not imported here: ``python -m hiera_det.data.synthetic`` must not find
-its own module already imported."""
+"""Everything data: `datasets` (registration of COCO-format data named in a config), `images`
+(reading images of any mode), `validation` (COCO json checks before training), `mapper` (the
+training-time `RobustDatasetMapper`), `sampling` (the resumable sampler and loader, RNG helpers),
+`synthetic` (the built-in shapes dataset), `lvis` and `image_folder` (images for MAE
+pretraining). Submodules are not imported here: ``python -m hiera_det.data.synthetic`` must not
+find its own module already imported."""
