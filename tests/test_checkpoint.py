@@ -186,7 +186,8 @@ def test_saving_is_atomic_a_failed_save_keeps_the_previous_checkpoint(tmp_path, 
 
 @pytest.mark.parametrize("wrap", [False, True])
 def test_official_mae_file_continues_pretraining_in_our_mae(wrap, tmp_path):
-    from hiera_det.modeling import build_mae, convert_mae_checkpoint
+    from hiera_det.checkpoint import convert_mae_checkpoint
+    from hiera_det.mae.model import build_mae
 
     torch.manual_seed(3)
     official = hiera.mae_hiera_tiny_224(pretrained=False).state_dict()

@@ -19,25 +19,22 @@ Our encoder returns every stage in unit layout ``[B, U_vis, T_s, C_s]`` with the
 unit in unrolled order; rerolling each unit on its own (a 1x1 unit grid) gives the official
 ``[B, U_vis, MUy, MUx, C]`` per-unit spatial layout the fusion convolutions work on.
 
-Non-encoder parameters keep the official names, so an official MAE checkpoint loads after
-`convert_mae_checkpoint` (which only prefixes the encoder keys with ``encoder.``); our checkpoints
-load into a detection `Hiera` through `hiera_det.checkpoint` (which strips that prefix).
+Non-encoder parameters keep the official names, so an official MAE checkpoint loads through
+`hiera_det.checkpoint.HieraCheckpointer` (`convert_mae_checkpoint` only prefixes the encoder keys
+with ``encoder.``); our checkpoints load into a detection `Hiera` through the same module (which
+strips that prefix).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .hiera import Hiera, HieraBlock, build_hiera, reroll, resize_pos_embed
+from ..modeling.hiera import Hiera, HieraBlock, build_hiera, reroll, resize_pos_embed
 
-__all__ = ["MaskedAutoencoderHiera", "build_mae", "convert_mae_checkpoint"]
-
-# Top-level names of the encoder's parameters in an official checkpoint.
-_ENCODER_ROOTS = ("pos_embed", "patch_embed", "blocks")
+__all__ = ["MaskedAutoencoderHiera", "build_mae"]
 
 
 def build_mae(
@@ -64,19 +61,6 @@ def build_mae(
         mask_ratio=mask_ratio,
         norm_pix_loss=norm_pix_loss,
     )
-
-
-def convert_mae_checkpoint(official: Mapping) -> dict[str, Tensor]:
-    """Official MAE checkpoint (``{"model_state": sd}`` or flat) -> state dict for our MAE.
-
-    Encoder tensors (``pos_embed``, ``patch_embed.*``, ``blocks.*``) move under ``encoder.``;
-    everything else (fusion heads, mask token, decoder) already has our names.
-    """
-    state = official.get("model_state", official)
-    return {
-        (f"encoder.{key}" if key.split(".")[0] in _ENCODER_ROOTS else key): value
-        for key, value in state.items()
-    }
 
 
 class MaskedAutoencoderHiera(nn.Module):
