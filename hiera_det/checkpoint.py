@@ -147,7 +147,7 @@ def _pos_table_to(table: Tensor, target: Tensor) -> Tensor:
         table = table.flatten(2).transpose(1, 2)
     if target.dim() == 3:
         side = int(target.shape[1] ** 0.5)
-        return resize_pos_embed(table, (side, side))
+        return resize_pos_embed(table, (side, side), antialias=False)
     return resize_pos_embed(table, tuple(target.shape[-2:]), antialias=True)
 
 

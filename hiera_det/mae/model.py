@@ -91,10 +91,11 @@ class MaskedAutoencoderHiera(nn.Module):
     ):
         super().__init__()
         stages = [f"res{i + 2}" for i in range(encoder.levels + 1)]
-        if list(encoder._out_features) != stages:
+        shapes = encoder.output_shape()  # {name: ShapeSpec(channels, stride)}, in output order
+        if list(shapes) != stages:
             raise ValueError(
                 f"MAE needs every encoder stage as an output: build the Hiera with "
-                f"out_features={tuple(stages)}, not {tuple(encoder._out_features)}"
+                f"out_features={tuple(stages)}, not {tuple(shapes)}"
             )
         if encoder.pos_embed_type != "abs":
             raise ValueError("MAE pretraining supports pos_embed_type='abs' only")
@@ -104,7 +105,8 @@ class MaskedAutoencoderHiera(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
 
-        strides, channels = encoder._out_feature_strides, encoder._out_feature_channels
+        strides = {name: shape.stride for name, shape in shapes.items()}
+        channels = {name: shape.channels for name, shape in shapes.items()}
         last = stages[-1]
         self.pred_stride = strides[last]  # 16 with q_pool=2: one prediction per last-stage token
         unit_px = encoder.unit_px
@@ -119,10 +121,11 @@ class MaskedAutoencoderHiera(nn.Module):
         self.multi_scale_fusion_heads.append(nn.Identity())  # the last stage is already 2x2
         self.encoder_norm = nn.LayerNorm(encoder_dim, eps=1e-6)
 
-        patch_stride = unit_px // encoder.mask_unit_size[0]
-        token_side = math.isqrt(encoder.pos_embed.shape[1])  # pretraining grid of the encoder
-        self.decoder_grid = (token_side * patch_stride // self.pred_stride,) * 2  # 14x14 at 224
-        in_chans = encoder.patch_embed.proj.in_channels
+        # The encoder's pretraining token grid (56x56 at 224 px) in prediction patches: 14x14.
+        self.decoder_grid = tuple(
+            side * encoder.patch_stride // self.pred_stride for side in encoder.pretrain_grid
+        )
+        in_chans = encoder.in_chans
         self.decoder_embed = nn.Linear(encoder_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
@@ -168,7 +171,7 @@ class MaskedAutoencoderHiera(nn.Module):
 
     def unit_grid(self, images: Tensor) -> tuple[int, int]:
         """The mask unit grid of `images` (raises for sizes that are not multiples of 32)."""
-        return self.encoder._unit_grid(images)
+        return self.encoder.unit_grid(images)
 
     def random_visible(
         self, batch: int, grid: tuple[int, int], generator: torch.Generator | None = None
@@ -236,7 +239,8 @@ class MaskedAutoencoderHiera(nn.Module):
         x = torch.where(visible[:, :, None, None, None], full, self.mask_token.to(x.dtype))
         # [B, gh, gw, m, m, D] -> [B, gh, m, gw, m, D]: the whole image's grid in spatial order
         x = x.view(B, gh, gw, m, m, D).permute(0, 1, 3, 2, 4, 5).reshape(B, 1, -1, D)
-        x = x + resize_pos_embed(self.decoder_pos_embed, (gh * m, gw * m)).unsqueeze(1)
+        pos = resize_pos_embed(self.decoder_pos_embed, (gh * m, gw * m), antialias=False)
+        x = x + pos.unsqueeze(1)
         for blk in self.decoder_blocks:  # global attention over [B, 1, N, D]
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x.squeeze(1)))
