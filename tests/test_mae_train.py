@@ -241,6 +241,16 @@ def test_picture_grid_shows_input_masked_and_pastes_visible_units_back():
     assert model.training  # restored after drawing
 
 
+def test_picture_tool_rejects_an_unknown_config_key(images, tmp_path):
+    from hiera_det.config_check import ConfigOverrideError
+
+    tool = load_script("tools/mae_pictures.py", "mae_pictures")
+    args = ["--config-file", str(ROOT / "configs/mae/mae_hiera_t.py"), "--checkpoint", "x.pth"]
+    args += ["--input", str(images), "--output", str(tmp_path / "p.png"), "model.mask_ratoi=0.5"]
+    with pytest.raises(ConfigOverrideError, match="mask_ratoi"):
+        tool.main(args)
+
+
 def test_official_mae_checkpoint_loads_for_pictures(tmp_path):
     hiera_mae = pytest.importorskip("hiera.hiera_mae")
     torch.manual_seed(0)
