@@ -1,17 +1,21 @@
-"""Loading Hiera weights: official, timm, our MAE output, our detector.
+"""Every checkpoint format we read, and the one place that reads checkpoint files.
 
-`convert_hiera_checkpoint` is a pure function from a checkpoint's content to a backbone state dict;
-`load_hiera_checkpoint` loads it into a `Hiera` and reports what happened; `HieraCheckpointer` is
-Detectron2's `DetectionCheckpointer` that also understands those files, so `train.init_checkpoint`
-can name any of them.
+`convert_hiera_checkpoint` is a pure function from a checkpoint's content (official, timm, our MAE
+output, our detector) to a backbone state dict, and `convert_mae_checkpoint` one from an official
+MAE file's content to our `MaskedAutoencoderHiera`'s names; `load_hiera_checkpoint` loads a
+backbone into a `Hiera` and reports what happened; `HieraCheckpointer` is Detectron2's
+`DetectionCheckpointer` that also understands those files, so `train.init_checkpoint` can name any
+of them and every MAE model (training, resuming, pictures) loads its weights through it. Every
+``torch.load`` of a checkpoint in `hiera_det` goes through `_read_checkpoint`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +30,7 @@ __all__ = [
     "HieraCheckpointer",
     "LoadReport",
     "convert_hiera_checkpoint",
+    "convert_mae_checkpoint",
     "load_hiera_checkpoint",
 ]
 
@@ -121,6 +126,18 @@ def convert_hiera_checkpoint(checkpoint: Mapping) -> dict[str, Tensor]:
     return split_hiera_checkpoint(checkpoint)[0]
 
 
+def convert_mae_checkpoint(official: Mapping) -> dict[str, Tensor]:
+    """Official MAE checkpoint (``{"model_state": sd}`` or flat) -> state dict for our MAE.
+
+    Encoder tensors (``pos_embed``, ``patch_embed.*``, ``blocks.*``) move under ``encoder.``;
+    everything else (fusion heads, mask token, decoder) already has our names. Files on disk load
+    through `HieraCheckpointer`, which does the same and also resizes the encoder's position table.
+    """
+    encoder, others = split_hiera_checkpoint(official)
+    state = _unwrap(official)
+    return {**{f"encoder.{k}": v for k, v in encoder.items()}, **{k: state[k] for k in others}}
+
+
 def _pos_table_to(table: Tensor, target: Tensor) -> Tensor:
     """Bring a stored position table to the layout and grid of the model's table."""
     if table.dim() == 3 and target.dim() == 4:  # official [1, N, C] -> timm [1, C, h, w]
@@ -130,7 +147,7 @@ def _pos_table_to(table: Tensor, target: Tensor) -> Tensor:
         table = table.flatten(2).transpose(1, 2)
     if target.dim() == 3:
         side = int(target.shape[1] ** 0.5)
-        return resize_pos_embed(table, (side, side))
+        return resize_pos_embed(table, (side, side), antialias=False)
     return resize_pos_embed(table, tuple(target.shape[-2:]), antialias=True)
 
 
@@ -183,12 +200,16 @@ def adapt_hiera_state_dict(
     return out
 
 
-def _read(path: str) -> Mapping:
+def _read_checkpoint(path: str, weights_only: bool | None = None) -> Mapping:
+    """Read a checkpoint file (path or URL) onto the CPU: the one ``torch.load`` of `hiera_det`.
+
+    `weights_only` None is torch's default (what fvcore's reader used for `HieraCheckpointer`).
+    """
     local = PathManager.get_local_path(path)
     if not os.path.isfile(local):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     with open(local, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=False)
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
 
 
 def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport:
@@ -199,25 +220,45 @@ def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport
         FileNotFoundError, KeyError: no such file / no Hiera weights in it.
     """
     report = LoadReport(source=checkpoint if isinstance(checkpoint, str) else "<state dict>")
-    content = _read(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    if isinstance(checkpoint, str):
+        content = _read_checkpoint(checkpoint, weights_only=False)
+    else:
+        content = checkpoint
     state, report.dropped = split_hiera_checkpoint(content)
     model.load_state_dict(adapt_hiera_state_dict(model, state, report), strict=False)
     logger.info(str(report))
     return report
 
 
-def _write_atomically(path: str, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
+@contextlib.contextmanager
+def _atomic_open(path: str, mode: str) -> Iterator:
+    """Open a temporary file beside `path` for writing; on a clean exit rename it over `path`."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class _AtomicLocalWrites:
+    """A path manager whose writes to local files are atomic (`_atomic_open`); reads, remote
+    files and every other method go to the wrapped one."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if "w" in mode and "://" not in path:
+            return _atomic_open(path, mode)
+        return self._inner.open(path, mode, **kwargs)
 
 
 def _find_hiera(model: nn.Module) -> tuple[str, Hiera] | None:
@@ -238,31 +279,48 @@ class HieraCheckpointer(DetectionCheckpointer):
 
     Saving is atomic on local disks: a checkpoint (and the `last_checkpoint` tag) is written to a
     temporary file and renamed, so a run killed while saving keeps its previous checkpoint intact.
+
+    Args:
+        model, save_dir, kwargs: as `DetectionCheckpointer`.
+        strict: raise `CheckpointMismatchError` when a file leaves any model tensor unloaded, holds
+            tensors the model lacks or has another shape (the picture tool: a half-loaded MAE would
+            draw noise). Default: load what fits and log the rest, as Detectron2 does.
     """
 
-    def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
-            return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        _write_atomically(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if "://" in self.save_dir:
-            return super().tag_last_checkpoint(last_filename_basename)
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        _write_atomically(path, lambda f: f.write(last_filename_basename.encode()))
+    def __init__(self, model: nn.Module, save_dir: str = "", *, strict: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.strict = strict
+        # fvcore's save() and tag_last_checkpoint() write through path_manager.open.
+        self.path_manager = _AtomicLocalWrites(self.path_manager)
+        self._source = ""
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
+        self._source = path
         return super().load(path, *args, **kwargs)
+
+    def _torch_load(self, filename: str) -> Mapping:
+        return _read_checkpoint(filename)
+
+    def _load_model(self, checkpoint: dict):
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and incompatible is not None:
+            problems = [f"missing {k}" for k in incompatible.missing_keys]
+            problems += [f"not in the model: {k}" for k in incompatible.unexpected_keys]
+            problems += [
+                f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+                for k, a, b in incompatible.incorrect_shapes
+            ]
+            if problems:
+                self._raise_not_strict(problems)
+        return incompatible
+
+    def _raise_not_strict(self, problems: list[str]) -> None:
+        raise CheckpointMismatchError(
+            f"The checkpoint {self._source} does not fill this model exactly (strict loading): "
+            f"{len(problems)} problems ({_summarize(problems, 8)})"
+        )
 
     def _load_file(self, filename: str) -> dict:
         loaded = super()._load_file(filename)
@@ -285,6 +343,8 @@ class HieraCheckpointer(DetectionCheckpointer):
         extra = [k for k in dropped if k in own and own[k].shape == state[k].shape]
         adapted.update({k: state[k] for k in extra})
         report.dropped = [k for k in dropped if k not in extra]
+        if self.strict and report.dropped:
+            self._raise_not_strict([f"not in the model: {k}" for k in report.dropped])
         message = str(report).replace("Hiera weights", f"Hiera weights for '{prefix}'", 1)
         if extra:
             message += f"\n  also loaded, outside the backbone ({len(extra)}): " + _summarize(extra)

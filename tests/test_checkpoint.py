@@ -186,7 +186,8 @@ def test_saving_is_atomic_a_failed_save_keeps_the_previous_checkpoint(tmp_path, 
 
 @pytest.mark.parametrize("wrap", [False, True])
 def test_official_mae_file_continues_pretraining_in_our_mae(wrap, tmp_path):
-    from hiera_det.modeling import build_mae, convert_mae_checkpoint
+    from hiera_det.checkpoint import convert_mae_checkpoint
+    from hiera_det.mae.model import build_mae
 
     torch.manual_seed(3)
     official = hiera.mae_hiera_tiny_224(pretrained=False).state_dict()
@@ -197,3 +198,19 @@ def test_official_mae_file_continues_pretraining_in_our_mae(wrap, tmp_path):
     expected = convert_mae_checkpoint(official)
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(value, expected[key], msg=key)
+
+
+def test_strict_checkpointer_rejects_a_file_that_leaves_tensors_unloaded(tmp_path):
+    from hiera_det.mae.model import build_mae
+
+    torch.manual_seed(4)
+    backbone_only = tmp_path / "backbone.pth"
+    torch.save(hiera.mae_hiera_tiny_224(pretrained=False).state_dict(), tmp_path / "mae.pth")
+    torch.save({"model": Hiera(stages=(1, 2, 7, 2)).state_dict()}, backbone_only)
+    ours = build_mae("tiny")
+    HieraCheckpointer(ours, strict=True).load(str(tmp_path / "mae.pth"))  # fits exactly
+    HieraCheckpointer(ours).load(str(backbone_only))  # not strict: loads what fits
+    with pytest.raises(
+        CheckpointMismatchError, match=r"backbone.pth does not fill.*missing .*decoder"
+    ):
+        HieraCheckpointer(ours, strict=True).load(str(backbone_only))

@@ -208,3 +208,31 @@ def test_drop_path_rises_linearly_over_all_blocks():
     model = tiny(drop_path_rate=0.4)
     rates = [getattr(blk.drop_path, "drop_prob", 0.0) for blk in model.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_resize_pos_embed_is_bicubic_interpolation_in_either_layout(antialias):
+    from hiera_det.modeling import resize_pos_embed
+
+    torch.manual_seed(0)
+    grid = torch.randn(1, 8, 6, 6)  # [1, C, h, w]; resized in fp32
+    for size in [(12, 12), (4, 10)]:  # up and down (and non-square)
+        expected = F.interpolate(grid, size=size, mode="bicubic", antialias=antialias)
+        timm_layout = resize_pos_embed(grid, size, antialias=antialias)
+        torch.testing.assert_close(timm_layout, expected)
+        official = resize_pos_embed(grid.flatten(2).transpose(1, 2), size, antialias=antialias)
+        torch.testing.assert_close(official, expected.flatten(2).transpose(1, 2))
+    assert resize_pos_embed(grid, (6, 6), antialias=antialias) is grid
+    with pytest.raises(ValueError, match="10 entries is not a square grid"):
+        resize_pos_embed(torch.zeros(1, 10, 4), (4, 4))
+
+
+def test_public_geometry_describes_the_encoder():
+    model = tiny(pretrain_img_size=128)
+    assert (model.patch_stride, model.unit_px, model.in_chans) == (4, 32, 3)
+    assert model.pretrain_grid == (32, 32) and model.pos_embed.shape[1] == 32 * 32
+    assert model.unit_grid(torch.zeros(1, 3, 64, 96)) == (2, 3)
+    shapes = model.output_shape()
+    assert [(n, s.channels, s.stride) for n, s in shapes.items()] == [
+        ("res2", 16, 4), ("res3", 32, 8), ("res4", 64, 16), ("res5", 128, 32),
+    ]  # fmt: skip

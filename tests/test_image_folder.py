@@ -1,4 +1,4 @@
-"""Image folder data for MAE (hiera_det.data.image_folder)."""
+"""Image folder data for MAE (hiera_det.mae.data)."""
 
 import logging
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hiera_det.data.image_folder import (
+from hiera_det.mae.data import (
     IMAGENET_MEAN,
     ImageFolder,
     build_mae_train_loader,
@@ -81,7 +81,7 @@ def test_loader_yields_normalised_batches_and_logs_each_skipped_file(folder, cap
         str(folder), total_batch_size=4, img_size=32, num_workers=num_workers, seed=0
     )
     assert len(loader.dataset) == 4
-    with caplog.at_level(logging.WARNING, logger="hiera_det.data.image_folder"):
+    with caplog.at_level(logging.WARNING, logger="hiera_det.mae.data"):
         batches = [b for _, b in zip(range(3), loader)]  # 3 "epochs" of 4 images
     for batch in batches:
         assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32

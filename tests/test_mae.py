@@ -1,10 +1,11 @@
-"""The MAE model (hiera_det.modeling.mae): parity with the official model, masking invariants."""
+"""The MAE model (hiera_det.mae.model): parity with the official model, masking invariants."""
 
 import pytest
 import torch
 
+from hiera_det.checkpoint import convert_mae_checkpoint
+from hiera_det.mae.model import MaskedAutoencoderHiera, build_mae
 from hiera_det.modeling import Hiera
-from hiera_det.modeling.mae import MaskedAutoencoderHiera, build_mae, convert_mae_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

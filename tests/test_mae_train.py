@@ -12,19 +12,11 @@ from conftest import load_script
 from detectron2.config import LazyConfig, instantiate
 from PIL import Image
 
-from hiera_det.checkpoint import load_hiera_checkpoint
+from hiera_det.checkpoint import HieraCheckpointer, load_hiera_checkpoint
 from hiera_det.mae import resolve_epoch_schedule
-from hiera_det.mae.visualize import (
-    GAP,
-    HEADER,
-    load_mae_weights,
-    render_reconstructions,
-)
-from hiera_det.mae.visualize import (
-    main as visualize_main,
-)
+from hiera_det.mae.model import build_mae
+from hiera_det.mae.pictures import GAP, HEADER, render_reconstructions
 from hiera_det.modeling import build_hiera
-from hiera_det.modeling.mae import build_mae
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -161,7 +153,7 @@ def test_train_net_pretrains_then_the_detector_backbone_loads_every_weight(
         "train.extra_hooks.0.period=2",
         "train.extra_hooks.0.num_images=2",
     ]
-    with caplog.at_level(logging.WARNING, logger="hiera_det.data.image_folder"):
+    with caplog.at_level(logging.WARNING, logger="hiera_det.mae.data"):
         # One epoch: 8 listed files (one corrupt) // batch 2 = 4 iterations, set by train_net.py.
         # An epoch is one permutation of all 8, so the corrupt file is drawn whatever the seed.
         run_train_net(
@@ -199,7 +191,7 @@ def test_train_net_pretrains_then_the_detector_backbone_loads_every_weight(
 
     # The pictures command works on the checkpoint.
     png = tmp_path / "pictures.png"
-    visualize_main(
+    load_script("tools/mae_pictures.py", "mae_pictures").main(
         [
             "--config-file",
             str(ROOT / "configs/mae/mae_hiera_t.py"),
@@ -249,6 +241,16 @@ def test_picture_grid_shows_input_masked_and_pastes_visible_units_back():
     assert model.training  # restored after drawing
 
 
+def test_picture_tool_rejects_an_unknown_config_key(images, tmp_path):
+    from hiera_det.config_check import ConfigOverrideError
+
+    tool = load_script("tools/mae_pictures.py", "mae_pictures")
+    args = ["--config-file", str(ROOT / "configs/mae/mae_hiera_t.py"), "--checkpoint", "x.pth"]
+    args += ["--input", str(images), "--output", str(tmp_path / "p.png"), "model.mask_ratoi=0.5"]
+    with pytest.raises(ConfigOverrideError, match="mask_ratoi"):
+        tool.main(args)
+
+
 def test_official_mae_checkpoint_loads_for_pictures(tmp_path):
     hiera_mae = pytest.importorskip("hiera.hiera_mae")
     torch.manual_seed(0)
@@ -262,6 +264,6 @@ def test_official_mae_checkpoint_loads_for_pictures(tmp_path):
         "tiny", embed_dim=16, stages=(1, 1, 2, 1), pretrain_img_size=64, decoder_embed_dim=32,
         decoder_depth=1, decoder_num_heads=4,
     )  # fmt: skip
-    load_mae_weights(ours, str(path))
+    HieraCheckpointer(ours, strict=True).load(str(path))
     torch.testing.assert_close(ours.encoder.pos_embed, ref.pos_embed)
     torch.testing.assert_close(ours.decoder_pred.weight, ref.decoder_pred.weight)

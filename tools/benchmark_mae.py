@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from hiera_det.modeling.mae import build_mae, convert_mae_checkpoint
+from hiera_det.checkpoint import convert_mae_checkpoint
+from hiera_det.mae.model import build_mae
 
 
 def step_sparse(model, images, visible):

@@ -18,9 +18,10 @@ from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import CosineParamScheduler
 from omegaconf import OmegaConf
 
-from hiera_det.data.image_folder import build_mae_train_loader
+from hiera_det.mae.data import build_mae_train_loader
 from hiera_det.mae.hooks import MAEPicturesHook
-from hiera_det.modeling import MaskedAutoencoderHiera, build_hiera
+from hiera_det.mae.model import MaskedAutoencoderHiera
+from hiera_det.modeling import build_hiera
 
 from ..common.train import train
 

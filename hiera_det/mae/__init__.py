@@ -1,13 +1,16 @@
-"""MAE pretraining helpers; the model is `hiera_det.modeling.MaskedAutoencoderHiera`.
+"""Everything MAE: masked-autoencoder pretraining of Hiera.
 
+- `hiera_det.mae.model`: `MaskedAutoencoderHiera`, `build_mae`;
+- `hiera_det.mae.data`: the image-folder training loader (`build_mae_train_loader`);
 - `hiera_det.mae.schedule`: epoch-based recipe -> iterations (`resolve_epoch_schedule`);
 - `hiera_det.mae.hooks`: `MAEPicturesHook`, periodic reconstruction pictures while training;
-- `hiera_det.mae.visualize`: the same pictures from the shell for any checkpoint.
+- `hiera_det.mae.pictures`: drawing those pictures (``tools/mae_pictures.py`` draws them from the
+  shell for any checkpoint).
 
-Only the schedule is imported here, so ``python -m hiera_det.mae.visualize`` runs a module that
-is not already imported.
+Loading MAE weights (ours or official) goes through `hiera_det.checkpoint.HieraCheckpointer`.
 """
 
+from .model import MaskedAutoencoderHiera, build_mae
 from .schedule import resolve_epoch_schedule
 
-__all__ = ["resolve_epoch_schedule"]
+__all__ = ["MaskedAutoencoderHiera", "build_mae", "resolve_epoch_schedule"]

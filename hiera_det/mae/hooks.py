@@ -9,7 +9,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .visualize import load_images, render_reconstructions, save_png
+from .pictures import load_images, render_reconstructions, save_png
 
 __all__ = ["MAEPicturesHook"]
 

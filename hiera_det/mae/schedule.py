@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hiera_det.data.image_folder import count_images
+from .data import count_images
 
 __all__ = ["resolve_epoch_schedule"]
 

@@ -1,4 +1,4 @@
-"""Models: the Hiera backbone (and, built on it, the detector parts and the MAE model)."""
+"""Models: the Hiera backbone and the detector parts built on it (MAE lives in `hiera_det.mae`)."""
 
 from .hiera import (
     HIERA_SIZES,
@@ -26,7 +26,3 @@ from .norm import ChannelLayerNorm, channel_layer_norm  # noqa: E402
 from .rpn import ConvNormRPNHead  # noqa: E402
 
 __all__ += ["ChannelLayerNorm", "ConvNormRPNHead", "channel_layer_norm"]
-
-from .mae import MaskedAutoencoderHiera, build_mae, convert_mae_checkpoint  # noqa: E402
-
-__all__ += ["MaskedAutoencoderHiera", "build_mae", "convert_mae_checkpoint"]

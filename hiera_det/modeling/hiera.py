@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from detectron2.modeling import Backbone
-from timm.layers import DropPath
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 from torch import Tensor, nn
 
 __all__ = [
@@ -109,45 +109,29 @@ def pool_units(x: Tensor, stride: int) -> Tensor:
     return x.view(B, U, stride, T // stride, C).amax(dim=2)
 
 
-def resize_pos_embed(table: Tensor, size: tuple[int, int], antialias: bool = False) -> Tensor:
-    """Resize a position table to a new grid (bicubic), keeping its layout.
+def resize_pos_embed(table: Tensor, size: tuple[int, int], *, antialias: bool = False) -> Tensor:
+    """Resize a position table to a new grid (bicubic, in fp32), keeping its layout.
 
-    Accepts the official layout ``[1, h*w, C]`` (square grid; resized as ViTDet does) and timm's
-    ``[1, C, h, w]`` ("abs_win"; timm resizes it with ``antialias=True``, which changes the bicubic
-    kernel even when upsampling).
+    Accepts the official layout ``[1, h*w, C]`` (square grid) and timm's ``[1, C, h, w]``
+    ("abs_win"); timm's `resample_abs_pos_embed` / `resample_abs_pos_embed_nhwc` do the work.
+    `antialias` changes the bicubic kernel even when upsampling: the official ``[1, N, C]`` table
+    is resized without it (as ViTDet does), timm's "abs_win" table with it (as timm does), and
+    SAM 2's table is resized without it.
     """
     if table.dim() == 3:
-        n, c = table.shape[1], table.shape[2]
-        side = math.isqrt(n)
-        if side * side != n:
+        n = table.shape[1]
+        if math.isqrt(n) ** 2 != n:
             raise ValueError(f"position table with {n} entries is not a square grid")
-        if (side, side) == tuple(size):
-            return table
-        grid = table.reshape(1, side, side, c).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=size, mode="bicubic", align_corners=False)
-        return grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, size[0] * size[1], c)
+        return resample_abs_pos_embed(table, list(size), num_prefix_tokens=0, antialias=antialias)
     if tuple(table.shape[-2:]) == tuple(size):
         return table
-    out = F.interpolate(
-        table.float(), size=size, mode="bicubic", align_corners=False, antialias=antialias
-    )
-    return out.to(table.dtype)
+    nhwc = resample_abs_pos_embed_nhwc(table.permute(0, 2, 3, 1), list(size), antialias=antialias)
+    return nhwc.permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class MaskUnitAttention(nn.Module):
@@ -252,7 +236,7 @@ class HieraBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = MaskUnitAttention(dim, dim_out, heads, q_stride, window, use_sdpa)
         self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
-        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))  # timm's: fc1, GELU, fc2
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if dim != dim_out:
             self.proj = nn.Linear(dim, dim_out)  # skip projection, from the *normed* input
@@ -264,6 +248,33 @@ class HieraBlock(nn.Module):
         x = pool_units(x, self.q_stride)
         x = x + self.drop_path(self.attn(x_norm, grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _checked_stage_windows(
+    stages: tuple[int, ...],
+    q_pool: int,
+    q_stride: tuple[int, ...],
+    mask_unit_size: Sequence[int],
+    mask_unit_attn: Sequence[bool],
+    patch_stride: Sequence[int],
+    stage_windows: Sequence[int] | None,
+) -> tuple[int, ...]:
+    """Check `Hiera`'s shape arguments; return the attention window of every stage."""
+    levels = len(stages) - 1
+    if not 0 <= q_pool <= levels:
+        raise ValueError(f"q_pool={q_pool} must be in [0, {levels}]")
+    if tuple(mask_unit_size) != tuple(s**levels for s in q_stride):
+        raise ValueError(
+            f"mask_unit_size={tuple(mask_unit_size)} must be q_stride**{levels} = "
+            f"{tuple(s**levels for s in q_stride)}"
+        )
+    if len(set(patch_stride)) != 1 or len(set(q_stride)) != 1:
+        raise ValueError("patch_stride and q_stride must be square for detection outputs")
+    if stage_windows is None:
+        stage_windows = tuple(1 if m else 0 for m in mask_unit_attn)
+    if len(stage_windows) != len(stages):
+        raise ValueError(f"stage_windows={stage_windows} needs one entry per stage")
+    return tuple(stage_windows)
 
 
 class Hiera(Backbone):
@@ -293,6 +304,19 @@ class Hiera(Backbone):
         out_norm: add a LayerNorm on each returned stage.
         use_act_checkpoint: recompute each block in backward (saves memory in training).
         use_sdpa: use `F.scaled_dot_product_attention`.
+
+    The public view of the encoder's geometry, for wrappers such as the MAE (besides Detectron2's
+    `output_shape()`, `forward_units`, `unroll_levels_left` and `unit_grid`):
+
+    Attributes:
+        levels: unroll levels, one per stage transition (``len(stages) - 1``).
+        q_stride, mask_unit_size: as given, as tuples.
+        patch_stride: pixels per token side of the patch embedding (4).
+        unit_px: pixels per mask unit side (``patch_stride * mask_unit_size``, 32); inputs must be
+            multiples of it.
+        in_chans: input channels.
+        pretrain_grid: the token grid ``(h, w)`` of `pretrain_img_size` (56x56 at 224 px).
+        pos_embed_type: "abs" or "abs_win".
     """
 
     def __init__(
@@ -324,22 +348,11 @@ class Hiera(Backbone):
     ):
         super().__init__()
         stages, q_stride = tuple(stages), tuple(q_stride)
-        num_stages = len(stages)
-        self.levels = num_stages - 1  # unroll levels: one per possible stage transition
-        if not 0 <= q_pool <= self.levels:
-            raise ValueError(f"q_pool={q_pool} must be in [0, {self.levels}]")
-        if tuple(mask_unit_size) != tuple(s**self.levels for s in q_stride):
-            raise ValueError(
-                f"mask_unit_size={tuple(mask_unit_size)} must be q_stride**{self.levels} = "
-                f"{tuple(s**self.levels for s in q_stride)}"
-            )
-        if len(set(patch_stride)) != 1 or len(set(q_stride)) != 1:
-            raise ValueError("patch_stride and q_stride must be square for detection outputs")
-        if stage_windows is None:
-            stage_windows = tuple(1 if m else 0 for m in mask_unit_attn)
-        if len(stage_windows) != num_stages:
-            raise ValueError(f"stage_windows={stage_windows} needs one entry per stage")
-        valid = [f"res{i + 2}" for i in range(num_stages)]
+        self.levels = len(stages) - 1  # unroll levels: one per possible stage transition
+        stage_windows = _checked_stage_windows(
+            stages, q_pool, q_stride, mask_unit_size, mask_unit_attn, patch_stride, stage_windows
+        )
+        valid = [f"res{i + 2}" for i in range(len(stages))]
         if not out_features or any(f not in valid for f in out_features):
             raise ValueError(f"out_features={tuple(out_features)} must be a subset of {valid}")
         if pos_embed_type not in ("abs", "abs_win"):
@@ -347,7 +360,13 @@ class Hiera(Backbone):
 
         self.q_stride = q_stride
         self.mask_unit_size = tuple(mask_unit_size)
+        self.patch_stride = patch_stride[0]
         self.unit_px = patch_stride[0] * mask_unit_size[0]  # 32: the input must tile into units
+        self.in_chans = in_chans
+        self.pretrain_grid = (
+            pretrain_img_size // patch_stride[0],
+            pretrain_img_size // patch_stride[1],
+        )
         self.pos_embed_type = pos_embed_type
         self.use_act_checkpoint = use_act_checkpoint
 
@@ -356,16 +375,44 @@ class Hiera(Backbone):
             in_chans, embed_dim, patch_kernel, patch_stride, patch_padding
         )
         if pos_embed_type == "abs":  # official layout [1, h*w, C]
-            n = (pretrain_img_size // patch_stride[0]) * (pretrain_img_size // patch_stride[1])
-            self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.pretrain_grid), embed_dim))
         else:  # timm's abs_win layout [1, C, h, w]
             self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *pos_embed_global_size))
             self.pos_embed_win = nn.Parameter(torch.zeros(1, embed_dim, *mask_unit_size))
 
-        # Shape bookkeeping, derived once from `stages`.
-        stage_ends = [sum(stages[: i + 1]) - 1 for i in range(num_stages)]
+        self._out_features = list(out_features)
+        self._build_blocks(
+            stages, q_pool, (embed_dim, num_heads, dim_mul, head_mul, mlp_ratio),
+            drop_path_rate, stage_windows, global_blocks, use_sdpa,
+        )  # fmt: skip
+        self.out_norms = (
+            nn.ModuleDict(
+                {f: nn.LayerNorm(self._out_feature_channels[f], eps=1e-6) for f in out_features}
+            )
+            if out_norm
+            else None
+        )
+        self._init_weights()
+
+    def _build_blocks(
+        self,
+        stages: tuple[int, ...],
+        q_pool: int,
+        widths: tuple[int, int, float, float, float],
+        drop_path_rate: float,
+        stage_windows: Sequence[int],
+        global_blocks: Sequence[int],
+        use_sdpa: bool,
+    ) -> None:
+        """Build `self.blocks` up to the last stage in `_out_features`, and record per output its
+        channels, stride and tap (the block it is read after, and its unroll levels left).
+
+        `widths` is ``(embed_dim, num_heads, dim_mul, head_mul, mlp_ratio)``.
+        """
+        dim, heads, dim_mul, head_mul, mlp_ratio = widths
+        stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
         pool_blocks = {end + 1 for end in stage_ends[:q_pool]}
-        last_stage = max(valid.index(f) for f in out_features)
+        last_stage = max(int(f[3:]) - 2 for f in self._out_features)
         depth = sum(stages)
         # Stochastic depth rises linearly over all blocks (plain Python: meta-device friendly).
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -373,22 +420,20 @@ class Hiera(Backbone):
         if any(not 0 <= b < built for b in global_blocks):
             raise ValueError(
                 f"global_blocks={tuple(global_blocks)} must index the {built} blocks this Hiera "
-                f"builds (stages={stages}, out_features={tuple(out_features)})"
+                f"builds (stages={stages}, out_features={tuple(self._out_features)})"
             )
-        flat_q = math.prod(q_stride)
-
-        self._out_features = list(out_features)
+        flat_q = math.prod(self.q_stride)
         self._out_feature_channels, self._out_feature_strides = {}, {}
         self._taps: dict[int, tuple[str, int]] = {}  # block index -> (name, unroll levels left)
         self.blocks = nn.ModuleList()
-        dim, heads, stage, stride, pools = embed_dim, num_heads, 0, patch_stride[0], 0
+        stage, stride, pools = 0, self.patch_stride, 0
         for i in range(built):
             window = stage_windows[stage]  # a transition block keeps the previous stage's kind
             dim_out, q = dim, 1
             if i - 1 in stage_ends:
                 dim_out, heads, stage = int(dim * dim_mul), int(heads * head_mul), stage + 1
                 if i in pool_blocks:
-                    q, stride, pools = flat_q, stride * q_stride[0], pools + 1
+                    q, stride, pools = flat_q, stride * self.q_stride[0], pools + 1
             if i in global_blocks:
                 window = 0
             self.blocks.append(
@@ -400,14 +445,6 @@ class Hiera(Backbone):
                 self._taps[i] = (name, self.levels - pools)
                 self._out_feature_channels[name] = dim
                 self._out_feature_strides[name] = stride
-        self.out_norms = (
-            nn.ModuleDict(
-                {f: nn.LayerNorm(self._out_feature_channels[f], eps=1e-6) for f in out_features}
-            )
-            if out_norm
-            else None
-        )
-        self._init_weights()
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -434,7 +471,7 @@ class Hiera(Backbone):
         """The position embedding for a token grid of `size`, as ``[1, h, w, C]``."""
         h, w = size
         if self.pos_embed_type == "abs":
-            return resize_pos_embed(self.pos_embed, (h, w)).view(1, h, w, -1)
+            return resize_pos_embed(self.pos_embed, (h, w), antialias=False).view(1, h, w, -1)
         my, mx = self.mask_unit_size
         win = self.pos_embed_win.tile(1, 1, h // my, w // mx)
         glob = resize_pos_embed(self.pos_embed, (h, w), antialias=True)  # as timm
@@ -479,7 +516,7 @@ class Hiera(Backbone):
 
     def _stem(self, images: Tensor, visible: Tensor | None = None):
         """Patch embedding + position embedding + unroll: ``[B, U, T, C]`` and the unit grid."""
-        grid = self._unit_grid(images)
+        grid = self.unit_grid(images)
         if visible is not None:
             # Zero the masked pixels first so the 7x7 patch conv cannot see across into them.
             pixel_mask = F.interpolate(
@@ -500,7 +537,9 @@ class Hiera(Backbone):
             return torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
         return blk(x, grid)
 
-    def _unit_grid(self, images: Tensor) -> tuple[int, int]:
+    def unit_grid(self, images: Tensor) -> tuple[int, int]:
+        """The mask unit grid ``(H / unit_px, W / unit_px)`` of ``[B, C, H, W]`` `images`; raises
+        a ValueError naming the size when H or W is not a multiple of `unit_px` (32)."""
         if images.dim() != 4:
             raise ValueError(f"Hiera expects [B, C, H, W] images, got shape {tuple(images.shape)}")
         H, W = images.shape[-2:]

@@ -1,23 +1,18 @@
 """Pictures of MAE reconstructions: a PNG grid of input / masked input / reconstruction.
 
-From the shell, on any checkpoint of our MAE trainer (or an official MAE checkpoint)::
-
-    python -m hiera_det.mae.visualize --config-file configs/mae/mae_hiera_b.py \
-        --checkpoint output/mae_hiera_b/model_final.pth --input DIR --output pictures.png
-
-Each row is one image (short side resized, centre crop); the columns are the input, the input with
-its masked units greyed out, the reconstruction of the whole image, and the reconstruction with
-the visible units pasted back. With ``norm_pix_loss`` the model predicts each patch normalised by
-its own mean and variance; the picture undoes that with the true patch's statistics (as MAE's
-figures do), so it shows structure, not the model's guess of a patch's mean colour.
+Drawn while training by `hiera_det.mae.hooks.MAEPicturesHook`, and from the shell for any
+checkpoint by ``tools/mae_pictures.py``. Each row is one image (short side resized, centre crop);
+the columns are the input, the input with its masked units greyed out, the reconstruction of the
+whole image, and the reconstruction with the visible units pasted back. With ``norm_pix_loss``
+the model predicts each patch normalised by its own mean and variance; the picture undoes that
+with the true patch's statistics (as MAE's figures do), so it shows structure, not the model's
+guess of a patch's mean colour.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,15 +20,10 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from hiera_det.data.image_folder import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFolder,
-    build_eval_transform,
-)
-from hiera_det.modeling.mae import MaskedAutoencoderHiera, convert_mae_checkpoint
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, build_eval_transform
+from .model import MaskedAutoencoderHiera
 
-__all__ = ["load_images", "load_mae_weights", "render_reconstructions", "save_png"]
+__all__ = ["load_images", "render_reconstructions", "save_png"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,46 +108,3 @@ def save_png(picture: np.ndarray, path: str) -> str:
     with PathManager.open(path, "wb") as f:
         Image.fromarray(picture).save(f, format="PNG")
     return path
-
-
-def load_mae_weights(model: MaskedAutoencoderHiera, path: str) -> None:
-    """Load our trainer's checkpoint (``{"model": ...}``) or an official MAE one, strictly."""
-    with PathManager.open(path, "rb") as f:
-        content = torch.load(f, map_location="cpu", weights_only=False)
-    if "model_state" in content:
-        state = convert_mae_checkpoint(content)
-    else:
-        state = content.get("model", content)
-    model.load_state_dict(state, strict=True)
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-    from detectron2.config import LazyConfig, instantiate
-    from detectron2.utils.logger import setup_logger
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, help="an MAE config, e.g. configs/mae/...")
-    parser.add_argument("--checkpoint", required=True, help="our MAE checkpoint or an official one")
-    parser.add_argument("--input", required=True, help="a folder of images (searched recursively)")
-    parser.add_argument("--output", required=True, help="the PNG to write")
-    parser.add_argument("--num-images", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key=value")
-    args = parser.parse_args(argv)
-    setup_logger(name="hiera_det")
-
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    model = instantiate(cfg.model).to(args.device)
-    load_mae_weights(model, args.checkpoint)
-    img_size = cfg.dataloader.train.get("img_size", 224) if "dataloader" in cfg else 224
-    images = load_images(args.input, args.num_images, img_size)
-    generator = torch.Generator().manual_seed(args.seed)
-    visible = model.random_visible(len(images), model.unit_grid(images), generator)
-    path = save_png(render_reconstructions(model, images, visible), args.output)
-    logger.info(f"Wrote {path} ({len(images)} images, mask ratio {model.mask_ratio})")
-    return path
-
-
-if __name__ == "__main__":
-    main()

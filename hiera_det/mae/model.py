@@ -19,25 +19,22 @@ Our encoder returns every stage in unit layout ``[B, U_vis, T_s, C_s]`` with the
 unit in unrolled order; rerolling each unit on its own (a 1x1 unit grid) gives the official
 ``[B, U_vis, MUy, MUx, C]`` per-unit spatial layout the fusion convolutions work on.
 
-Non-encoder parameters keep the official names, so an official MAE checkpoint loads after
-`convert_mae_checkpoint` (which only prefixes the encoder keys with ``encoder.``); our checkpoints
-load into a detection `Hiera` through `hiera_det.checkpoint` (which strips that prefix).
+Non-encoder parameters keep the official names, so an official MAE checkpoint loads through
+`hiera_det.checkpoint.HieraCheckpointer` (`convert_mae_checkpoint` only prefixes the encoder keys
+with ``encoder.``); our checkpoints load into a detection `Hiera` through the same module (which
+strips that prefix).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .hiera import Hiera, HieraBlock, build_hiera, reroll, resize_pos_embed
+from ..modeling.hiera import Hiera, HieraBlock, build_hiera, reroll, resize_pos_embed
 
-__all__ = ["MaskedAutoencoderHiera", "build_mae", "convert_mae_checkpoint"]
-
-# Top-level names of the encoder's parameters in an official checkpoint.
-_ENCODER_ROOTS = ("pos_embed", "patch_embed", "blocks")
+__all__ = ["MaskedAutoencoderHiera", "build_mae"]
 
 
 def build_mae(
@@ -64,19 +61,6 @@ def build_mae(
         mask_ratio=mask_ratio,
         norm_pix_loss=norm_pix_loss,
     )
-
-
-def convert_mae_checkpoint(official: Mapping) -> dict[str, Tensor]:
-    """Official MAE checkpoint (``{"model_state": sd}`` or flat) -> state dict for our MAE.
-
-    Encoder tensors (``pos_embed``, ``patch_embed.*``, ``blocks.*``) move under ``encoder.``;
-    everything else (fusion heads, mask token, decoder) already has our names.
-    """
-    state = official.get("model_state", official)
-    return {
-        (f"encoder.{key}" if key.split(".")[0] in _ENCODER_ROOTS else key): value
-        for key, value in state.items()
-    }
 
 
 class MaskedAutoencoderHiera(nn.Module):
@@ -107,10 +91,11 @@ class MaskedAutoencoderHiera(nn.Module):
     ):
         super().__init__()
         stages = [f"res{i + 2}" for i in range(encoder.levels + 1)]
-        if list(encoder._out_features) != stages:
+        shapes = encoder.output_shape()  # {name: ShapeSpec(channels, stride)}, in output order
+        if list(shapes) != stages:
             raise ValueError(
                 f"MAE needs every encoder stage as an output: build the Hiera with "
-                f"out_features={tuple(stages)}, not {tuple(encoder._out_features)}"
+                f"out_features={tuple(stages)}, not {tuple(shapes)}"
             )
         if encoder.pos_embed_type != "abs":
             raise ValueError("MAE pretraining supports pos_embed_type='abs' only")
@@ -120,7 +105,8 @@ class MaskedAutoencoderHiera(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
 
-        strides, channels = encoder._out_feature_strides, encoder._out_feature_channels
+        strides = {name: shape.stride for name, shape in shapes.items()}
+        channels = {name: shape.channels for name, shape in shapes.items()}
         last = stages[-1]
         self.pred_stride = strides[last]  # 16 with q_pool=2: one prediction per last-stage token
         unit_px = encoder.unit_px
@@ -135,10 +121,11 @@ class MaskedAutoencoderHiera(nn.Module):
         self.multi_scale_fusion_heads.append(nn.Identity())  # the last stage is already 2x2
         self.encoder_norm = nn.LayerNorm(encoder_dim, eps=1e-6)
 
-        patch_stride = unit_px // encoder.mask_unit_size[0]
-        token_side = math.isqrt(encoder.pos_embed.shape[1])  # pretraining grid of the encoder
-        self.decoder_grid = (token_side * patch_stride // self.pred_stride,) * 2  # 14x14 at 224
-        in_chans = encoder.patch_embed.proj.in_channels
+        # The encoder's pretraining token grid (56x56 at 224 px) in prediction patches: 14x14.
+        self.decoder_grid = tuple(
+            side * encoder.patch_stride // self.pred_stride for side in encoder.pretrain_grid
+        )
+        in_chans = encoder.in_chans
         self.decoder_embed = nn.Linear(encoder_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
@@ -184,7 +171,7 @@ class MaskedAutoencoderHiera(nn.Module):
 
     def unit_grid(self, images: Tensor) -> tuple[int, int]:
         """The mask unit grid of `images` (raises for sizes that are not multiples of 32)."""
-        return self.encoder._unit_grid(images)
+        return self.encoder.unit_grid(images)
 
     def random_visible(
         self, batch: int, grid: tuple[int, int], generator: torch.Generator | None = None
@@ -252,7 +239,8 @@ class MaskedAutoencoderHiera(nn.Module):
         x = torch.where(visible[:, :, None, None, None], full, self.mask_token.to(x.dtype))
         # [B, gh, gw, m, m, D] -> [B, gh, m, gw, m, D]: the whole image's grid in spatial order
         x = x.view(B, gh, gw, m, m, D).permute(0, 1, 3, 2, 4, 5).reshape(B, 1, -1, D)
-        x = x + resize_pos_embed(self.decoder_pos_embed, (gh * m, gw * m)).unsqueeze(1)
+        pos = resize_pos_embed(self.decoder_pos_embed, (gh * m, gw * m), antialias=False)
+        x = x + pos.unsqueeze(1)
         for blk in self.decoder_blocks:  # global attention over [B, 1, N, D]
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x.squeeze(1)))
