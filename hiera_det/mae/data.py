@@ -5,7 +5,7 @@ order (ImageNet's ``train/<class>/<image>.JPEG`` layout works as is). `ImageFold
 image that cannot be read or decoded is *reported by path* and replaced by the next readable one in
 the list, so an epoch never stops on a bad file. `build_mae_train_loader` is the Detectron2-style
 training loader: an infinite stream sharded over processes (so `launch` works on many GPUs and
-machines) that ``--resume`` continues exactly (`hiera_det.engine.resume`), batches of normalised
+machines) that ``--resume`` continues exactly (`hiera_det.data.sampling`), batches of normalised
 ``[B, 3, S, S]`` tensors, and a running count of skipped files in the log.
 """
 
@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
-from .sampling import ResumableTrainingSampler, SeededMapDataset, preserved_rngs
+from ..data.sampling import ResumableTrainingSampler, SeededMapDataset, preserved_rngs
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -165,7 +165,7 @@ class MAETrainLoader:
         self.batch_size = batch_size
         self.num_skipped = 0
         # Resumable: batch i and its augmentations are a function of (seed, i) and the same for
-        # any number of processes and workers (hiera_det.engine.resume).
+        # any number of processes and workers (hiera_det.data.sampling).
         total_batch_size = batch_size * comm.get_world_size()
         self.sampler = ResumableTrainingSampler(len(dataset), total_batch_size, seed)
         self.loader = torch.utils.data.DataLoader(
