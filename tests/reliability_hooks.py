@@ -1,10 +1,12 @@
-"""A hook for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
-over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values."""
+"""Hooks for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
+over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values;
+the weights a run starts from are saved to measure how far training moved them."""
 
 from __future__ import annotations
 
 import json
 
+import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -26,3 +28,17 @@ class RawLossWriter(HookBase):
                 row[key] = value
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class InitialWeightsWriter(HookBase):
+    """Save the model's weights before the first step of a run started at iteration 0 (the
+    weights every process starts from: DDP copies rank 0's) to `path`, from the main process."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def before_train(self) -> None:
+        if not comm.is_main_process() or self.trainer.start_iter != 0:
+            return
+        model = getattr(self.trainer.model, "module", self.trainer.model)  # DDP
+        torch.save(model.state_dict(), self.path)

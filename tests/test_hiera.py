@@ -116,11 +116,21 @@ def test_backbone_owns_no_head_and_builds_only_requested_stages():
         tiny(out_features=("res6",))
 
 
-def test_bf16_autocast_runs():
-    model = tiny().eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(1, 3, 64, 96))
-    assert all(torch.isfinite(y.float()).all() for y in out.values())
+@pytest.mark.parametrize("options", [{}, {"stage_windows": (1, 1, 2, 2), "global_blocks": (3,)}])
+def test_bf16_autocast_stays_close_to_fp32(options):
+    """Relative error ||bf16 - fp32|| / ||fp32|| per stage <= 3e-2 (measured 2026-12-01 on this
+    input: 2.8e-3 at res2 growing to 1.2e-2 at res5; bf16 keeps 8 significand bits, 3.9e-3)."""
+    model = tiny(**options).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out["res5"].dtype == torch.bfloat16  # the comparison is of a bf16 computation
+    for name, y in out.items():
+        error = ((y.float() - reference[name]).norm() / reference[name].norm()).item()
+        assert error <= 3e-2, (name, error)
 
 
 # --- attention layouts ------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_a_folder_of_unreadable_files_raises_instead_of_looping(tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_loader_yields_normalised_batches_and_logs_each_skipped_file(folder, caplog, num_workers):
+def test_loader_yields_batches_and_logs_each_skipped_file(folder, caplog, num_workers):
     (folder / "n01" / "a.JPEG").write_bytes(b"broken")
     loader = build_mae_train_loader(
         str(folder), total_batch_size=4, img_size=32, num_workers=num_workers, seed=0
@@ -89,6 +89,30 @@ def test_loader_yields_normalised_batches_and_logs_each_skipped_file(folder, cap
     assert len(messages) == 3 and loader.num_skipped == 3  # the file comes up once per epoch
     assert all(str(folder / "n01" / "a.JPEG") in m for m in messages)
     assert "(3 skipped so far" in messages[-1]
+
+
+def test_loader_batches_are_normalised_with_the_imagenet_mean_and_std(tmp_path):
+    """Solid-colour images stay solid through any crop, resize and flip, so every sample of a
+    batch must be exactly (colour / 255 - mean) / std per channel, with MAE's ImageNet statistics
+    (official hiera_mae / torchvision: mean 0.485 0.456 0.406, std 0.229 0.224 0.225)."""
+    colours = [(0, 0, 0), (255, 255, 255), (200, 30, 90), (12, 180, 250)]
+    for i, colour in enumerate(colours):
+        write_image(str(tmp_path / f"{i}.png"), size=(48, 36), color=colour)
+    loader = build_mae_train_loader(
+        str(tmp_path), total_batch_size=4, img_size=32, num_workers=0, seed=0
+    )
+    batch = next(iter(loader))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = (torch.tensor(colours, dtype=torch.float32) / 255 - mean) / std  # [4, 3]
+    assert batch.shape == (4, 3, 32, 32)
+    per_sample = batch.mean(dim=(2, 3))  # [4, 3]
+    torch.testing.assert_close(
+        batch, per_sample[:, :, None, None].expand_as(batch), atol=1e-5, rtol=0
+    )
+    # Each image once per epoch, in some order.
+    order = [int((expected - s).abs().sum(1).argmin()) for s in per_sample]
+    assert sorted(order) == [0, 1, 2, 3]
+    torch.testing.assert_close(per_sample, expected[order], atol=1e-5, rtol=0)
 
 
 def test_batch_size_must_split_over_processes(folder):
