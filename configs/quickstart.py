@@ -10,7 +10,6 @@ of predictions in the output folder. See docs/quickstart.md.
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
 from hiera_det.data.synthetic import SyntheticSpec, register_synthetic
 from hiera_det.engine.visualize import PredictionPicturesHook
@@ -55,9 +54,8 @@ model.backbone.bottom_up = L(Hiera)(
     out_features=["res2", "res3", "res4", "res5"],
     use_sdpa=True,
 )
-model.backbone.out_channels = fpn_dim
+model.backbone.out_channels = fpn_dim  # the RPN and RoI heads read their input width from here
 model.backbone.square_pad = image_size
-model.proposal_generator.head.in_channels = fpn_dim
 # Anchors at half the COCO sizes: the shapes are 15-60 px in a 128 px image.
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 model.proposal_generator.pre_nms_topk = (1000, 500)
@@ -66,11 +64,9 @@ model.roi_heads.num_classes = len(_spec.shapes)
 # The RoI heads cost most of a CPU step: half the sampled RoIs, and 2 hidden convs (LN) instead
 # of 4 in the box and mask heads.
 model.roi_heads.batch_size_per_image = 64
-model.roi_heads.box_head.input_shape = ShapeSpec(channels=fpn_dim, height=7, width=7)
 model.roi_heads.box_head.conv_dims = [fpn_dim] * 2
 model.roi_heads.box_head.fc_dims = [256]
-model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
-model.roi_heads.mask_head.input_shape = ShapeSpec(channels=fpn_dim, height=14, width=14)
+model.roi_heads.box_predictor.input_shape.channels = 256  # the fc's width
 model.roi_heads.mask_head.conv_dims = [fpn_dim] * 3  # 2 convs + the deconv
 
 # --- optimisation: AdamW as the paper, at a from-scratch learning rate
