@@ -8,14 +8,13 @@ of predictions in the output folder. See docs/quickstart.md.
     python train_net.py --config-file configs/quickstart.py
 """
 
-import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
 from hiera_det.data.synthetic import SyntheticSpec, register_synthetic
 from hiera_det.engine.visualize import PredictionPicturesHook
 from hiera_det.modeling import Hiera
 
-from .common.coco_lsj import dataloader
+from .common.coco_lsj import dataloader, lsj_augmentations, square_test_resize
 from .common.mask_rcnn_hiera import model
 from .common.optim import optimizer
 from .common.schedule import step_lr_multiplier
@@ -30,17 +29,9 @@ _train_name, _val_name = register_synthetic(_spec)
 dataloader.train.dataset.names = _train_name
 dataloader.test.dataset.names = _val_name
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the json holds exact RLE masks
-dataloader.train.mapper.augmentations = [
-    L(T.RandomFlip)(horizontal=True),
-    # LSJ at a milder range than COCO's [0.1, 2.0]: at 128 px a 0.1 scale leaves nothing to see.
-    L(T.ResizeScale)(
-        min_scale=0.5, max_scale=1.5, target_height=image_size, target_width=image_size
-    ),
-    L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),
-]
-dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size),
-]
+# LSJ at a milder range than COCO's [0.1, 2.0]: at 128 px a 0.1 scale leaves nothing to see.
+dataloader.train.mapper.augmentations = lsj_augmentations(image_size, min_scale=0.5, max_scale=1.5)
+dataloader.test.mapper.augmentations = square_test_resize(image_size)
 dataloader.train.total_batch_size = 8
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1
