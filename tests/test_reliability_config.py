@@ -28,12 +28,14 @@ def test_valid_overrides_apply():
             "+train.my_note=hello",
             "dataset.train=[mine,/data/train.json,/data/images]",
             "model.roi_heads.num_classes=null",
+            "model.backbone.norm=LN",  # a LazyCall'd object replaced by a name Detectron2 takes
         ],
     )
     assert cfg.train.max_iter == 10 and cfg.optimizer.lr == 1
     assert cfg.model.backbone.bottom_up.use_act_checkpoint is True
     assert cfg.dataloader.train.mapper.augmentations[1].target_height == 128
     assert cfg.train.my_note == "hello" and cfg.dataset.train[0] == "mine"
+    assert cfg.model.backbone.norm == "LN"
 
 
 @pytest.mark.parametrize(
