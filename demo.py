@@ -23,18 +23,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
+from hiera_det.config_check import ConfigOverrideError, load_config
 from hiera_det.data.images import BadImageError, read_image_any
 from hiera_det.engine.visualize import draw_predictions
 from hiera_det.predictor import RobustPredictor, predictor_cfg
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-SCORE_THRESH_KEY = "model.roi_heads.box_predictor.test_score_thresh"
 
 logger = logging.getLogger("demo")
 
@@ -86,9 +85,20 @@ def output_path(output_dir: Path, relative: Path) -> Path:
     return path
 
 
+def score_thresh_overrides(lazy, threshold: float) -> list[str]:
+    """Overrides that set the box predictors' test score threshold (one predictor in Mask R-CNN,
+    one per stage in a cascade), so that the model keeps detections down to `threshold`."""
+    heads = lazy.model.roi_heads
+    if "box_predictors" in heads:
+        keys = [f"box_predictors.{i}" for i in range(len(heads.box_predictors))]
+    else:
+        keys = ["box_predictor"]
+    return [f"model.roi_heads.{key}.test_score_thresh={threshold}" for key in keys]
+
+
 def build_predictor(args) -> tuple[RobustPredictor, Metadata]:
     opts = list(args.opts)
-    lazy = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), opts)
+    lazy = load_config(args.config_file, opts)  # fails on unknown keys and wrong types
     weights = args.weights or lazy.train.get("init_checkpoint", "")
     if not weights:
         raise DemoError(
@@ -96,7 +106,7 @@ def build_predictor(args) -> tuple[RobustPredictor, Metadata]:
             "(e.g. output/quickstart/model_final.pth)"
         )
     # Let the model keep low-scoring detections when the threshold is below its default.
-    opts.append(f"{SCORE_THRESH_KEY}={args.confidence_threshold}")
+    opts += score_thresh_overrides(lazy, args.confidence_threshold)
     cfg = predictor_cfg(args.config_file, weights, opts)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
     return RobustPredictor(cfg), metadata
@@ -143,6 +153,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, FileNotFoundError) as e:
+    except (DemoError, FileNotFoundError, ConfigOverrideError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)

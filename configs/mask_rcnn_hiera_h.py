@@ -7,12 +7,7 @@ batch 64. If memory is short at 1024 px, set model.backbone.bottom_up.use_act_ch
 Unverified: there is no COCO number to compare with.
 """
 
-from .common.mask_rcnn_hiera import spread_global_blocks
-from .common.mask_rcnn_hiera_100ep import dataloader, lr_multiplier, model, optimizer, train
+from .mask_rcnn_hiera_l import dataloader, lr_multiplier, model, optimizer, train
 
-SIZE = "huge"
-model.backbone.bottom_up.size = SIZE
-model.backbone.bottom_up.global_blocks = spread_global_blocks(SIZE)
-model.backbone.bottom_up.drop_path_rate = 0.5
-optimizer.lr = 3e-5
-train.init_checkpoint = f"https://dl.fbaipublicfiles.com/hiera/mae_hiera_{SIZE}_224.pth"
+model.backbone.bottom_up.size = "huge"  # global blocks and weights follow the size
+model.backbone.bottom_up.drop_path_rate = 0.5  # lr 3e-5 and the rest: L's recipe

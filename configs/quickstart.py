@@ -8,15 +8,13 @@ of predictions in the output folder. See docs/quickstart.md.
     python train_net.py --config-file configs/quickstart.py
 """
 
-import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
 from hiera_det.data.synthetic import SyntheticSpec, register_synthetic
 from hiera_det.engine.visualize import PredictionPicturesHook
 from hiera_det.modeling import Hiera
 
-from .common.coco_lsj import dataloader
+from .common.coco_lsj import dataloader, lsj_augmentations, square_test_resize
 from .common.mask_rcnn_hiera import model
 from .common.optim import optimizer
 from .common.schedule import step_lr_multiplier
@@ -31,17 +29,9 @@ _train_name, _val_name = register_synthetic(_spec)
 dataloader.train.dataset.names = _train_name
 dataloader.test.dataset.names = _val_name
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the json holds exact RLE masks
-dataloader.train.mapper.augmentations = [
-    L(T.RandomFlip)(horizontal=True),
-    # LSJ at a milder range than COCO's [0.1, 2.0]: at 128 px a 0.1 scale leaves nothing to see.
-    L(T.ResizeScale)(
-        min_scale=0.5, max_scale=1.5, target_height=image_size, target_width=image_size
-    ),
-    L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),
-]
-dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size),
-]
+# LSJ at a milder range than COCO's [0.1, 2.0]: at 128 px a 0.1 scale leaves nothing to see.
+dataloader.train.mapper.augmentations = lsj_augmentations(image_size, min_scale=0.5, max_scale=1.5)
+dataloader.test.mapper.augmentations = square_test_resize(image_size)
 dataloader.train.total_batch_size = 8
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1
@@ -55,9 +45,8 @@ model.backbone.bottom_up = L(Hiera)(
     out_features=["res2", "res3", "res4", "res5"],
     use_sdpa=True,
 )
-model.backbone.out_channels = fpn_dim
+model.backbone.out_channels = fpn_dim  # the RPN and RoI heads read their input width from here
 model.backbone.square_pad = image_size
-model.proposal_generator.head.in_channels = fpn_dim
 # Anchors at half the COCO sizes: the shapes are 15-60 px in a 128 px image.
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 model.proposal_generator.pre_nms_topk = (1000, 500)
@@ -66,11 +55,9 @@ model.roi_heads.num_classes = len(_spec.shapes)
 # The RoI heads cost most of a CPU step: half the sampled RoIs, and 2 hidden convs (LN) instead
 # of 4 in the box and mask heads.
 model.roi_heads.batch_size_per_image = 64
-model.roi_heads.box_head.input_shape = ShapeSpec(channels=fpn_dim, height=7, width=7)
 model.roi_heads.box_head.conv_dims = [fpn_dim] * 2
 model.roi_heads.box_head.fc_dims = [256]
-model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
-model.roi_heads.mask_head.input_shape = ShapeSpec(channels=fpn_dim, height=14, width=14)
+model.roi_heads.box_predictor.input_shape.channels = 256  # the fc's width
 model.roi_heads.mask_head.conv_dims = [fpn_dim] * 3  # 2 convs + the deconv
 
 # --- optimisation: AdamW as the paper, at a from-scratch learning rate

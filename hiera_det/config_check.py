@@ -9,8 +9,9 @@ for the default 90k iterations and nothing says why. `load_config` checks each `
   callee's TypeError at instantiation), or be written ``+key=value`` (adding a key on purpose),
   or lie under one of `new_roots` (``dataset.train=[...]``, see `hiera_det.data.datasets`);
 - the value must have the type of the value it replaces: bool for bool, int for int, a number for
-  a float, a string for a string, a list for a list, a mapping for a config node; ``null`` is
-  always accepted.
+  a float, a string for a string, a list for a list, a mapping for a config node (or a string
+  for a LazyCall'd object, which Detectron2 often takes by name: ``model.backbone.norm=LN``);
+  ``null`` is always accepted.
 
 Errors are one paragraph naming the override, the key and the value, with the closest existing
 keys as suggestions.
@@ -124,7 +125,8 @@ def _type_error(old, new) -> str | None:
     elif isinstance(old, (ListConfig, list, tuple)):
         ok = isinstance(new, (list, tuple))
     elif isinstance(old, (DictConfig, Mapping)):
-        ok = isinstance(new, Mapping)
+        # A LazyCall'd object may also become a name its consumer resolves (norm="LN").
+        ok = isinstance(new, Mapping) or (isinstance(new, str) and "_target_" in old)
     else:  # classes, functions: whatever the config holds, a command line cannot express it
         ok = True
     if ok:

@@ -29,27 +29,21 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.config import CfgNode, get_cfg, instantiate
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from .config_check import load_config
 from .data.images import as_uint8_image, read_image_any
 
 __all__ = ["LazyConfigModel", "RobustPredictor", "predictor_cfg"]
 
 
-def _load(config_file: str, opts: Sequence[str]):
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file}")
-    cfg = LazyConfig.load(config_file)
-    return LazyConfig.apply_overrides(cfg, list(opts))
-
-
 @META_ARCH_REGISTRY.register()
 def LazyConfigModel(cfg: CfgNode) -> nn.Module:  # noqa: N802 -- the registry key is this name
     """Build ``model`` of the LazyConfig ``cfg.LAZY_CONFIG.FILE`` with ``cfg.LAZY_CONFIG.OPTS``."""
-    return instantiate(_load(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
+    return instantiate(load_config(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
 
 
 def _test_resize(lazy, config_file: str) -> tuple[int, int]:
@@ -80,16 +74,20 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
     Args:
         config_file: a LazyConfig (``.py``, or the ``config.yaml`` saved by train_net.py).
         weights: a detector checkpoint (path or URL), e.g. ``output/model_final.pth``.
-        opts: LazyConfig overrides, ``["key=value", ...]``, as on train_net.py's command line.
+        opts: LazyConfig overrides, ``["key=value", ...]``, as on train_net.py's command line,
+            checked by `hiera_det.config_check.load_config`.
     Returns:
         A frozen `CfgNode`: ``MODEL.META_ARCHITECTURE="LazyConfigModel"``, ``MODEL.WEIGHTS``,
         ``MODEL.DEVICE`` (cuda if available), ``INPUT.FORMAT`` and ``INPUT.{MIN,MAX}_SIZE_TEST``
         from the LazyConfig's model and test loader, ``DATASETS.TEST`` (for metadata),
         ``LAZY_CONFIG.{FILE,OPTS}``.
+    Raises:
+        FileNotFoundError: no such weights or config file.
+        ConfigOverrideError: an override names an unknown key or has a wrong type.
     """
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
-    lazy = _load(config_file, opts)
+    lazy = load_config(config_file, opts)  # fails on unknown keys and wrong types
     short, longest = _test_resize(lazy, config_file)
 
     cfg = get_cfg()

@@ -12,7 +12,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from hiera_det.data.datasets import apply_dataset_config
-from hiera_det.modeling import HIERA_SIZES, Hiera
+from hiera_det.modeling import HIERA_SIZES, Hiera, build_hiera
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,8 +45,23 @@ def test_one_config_per_size():
     assert {size for size, _, _ in RECIPES.values()} == set(HIERA_SIZES)
 
 
+def hiera_arguments(node, monkeypatch) -> dict:
+    """The arguments `Hiera` is built with when `node` is instantiated (nothing is built)."""
+    seen = {}
+
+    def record(self, **kwargs):
+        seen.update(kwargs)
+        raise InterruptedError
+
+    monkeypatch.setattr(Hiera, "__init__", record)
+    with pytest.raises(InterruptedError):
+        instantiate(node)
+    monkeypatch.undo()
+    return seen
+
+
 @pytest.mark.parametrize("suffix", RECIPES)
-def test_recipe(suffix):
+def test_recipe(suffix, monkeypatch):
     size, drop_path, lr = RECIPES[suffix]
     cfg = load(suffix)
     hiera = cfg.model.backbone.bottom_up
@@ -56,8 +71,9 @@ def test_recipe(suffix):
     stages = HIERA_SIZES[size]["stages"]
     stage3 = range(sum(stages[:2]), sum(stages[:3]))
     assert list(hiera.stage_windows) == [1, 1, 8, 0]
-    assert len(set(hiera.global_blocks)) == 4 and all(b in stage3 for b in hiera.global_blocks)
-    assert hiera.global_blocks[-1] == stage3[-1]
+    global_blocks = hiera_arguments(hiera, monkeypatch)["global_blocks"]
+    assert len(set(global_blocks)) == 4 and all(b in stage3 for b in global_blocks)
+    assert global_blocks[-1] == stage3[-1]
     # Table 15 and ViTDet's 100-epoch schedule.
     assert cfg.dataloader.train.total_batch_size == 64
     assert tuple(cfg.optimizer.betas) == (0.9, 0.999) and cfg.optimizer.weight_decay == 0.1
@@ -84,6 +100,20 @@ def test_recipe(suffix):
     assert (len(box.conv_dims), list(box.fc_dims)) == (4, [1024]) and is_ln(box.conv_norm)
     mask = cfg.model.roi_heads.mask_head
     assert len(mask.conv_dims) == 5 and is_ln(mask.conv_norm)
+
+
+def test_size_override_moves_the_global_blocks_and_the_weights(monkeypatch):
+    """`size` is the only size-dependent value a size config sets: overriding it on the command
+    line gives that size's global blocks (the last block of each quarter of stage 3) and weights."""
+    cfg = load("b", ["model.backbone.bottom_up.size=large"])
+    args = hiera_arguments(cfg.model.backbone.bottom_up, monkeypatch)
+    assert tuple(args["stages"]) == (2, 6, 36, 4)
+    assert list(args["global_blocks"]) == [16, 25, 34, 43]  # stage 3 = blocks 8..43
+    assert cfg.train.init_checkpoint.endswith("/hiera/mae_hiera_large_224.pth")
+    base = hiera_arguments(load("b").model.backbone.bottom_up, monkeypatch)
+    assert list(base["global_blocks"]) == [8, 12, 16, 20]  # stage 3 = blocks 5..20
+    with pytest.raises(ValueError, match="cannot spread 8 global blocks over a stage 3 of 7"):
+        build_hiera("tiny", num_global_blocks=8)
 
 
 @pytest.mark.parametrize("suffix", TABLE_10_PARAMS)

@@ -28,12 +28,14 @@ def test_valid_overrides_apply():
             "+train.my_note=hello",
             "dataset.train=[mine,/data/train.json,/data/images]",
             "model.roi_heads.num_classes=null",
+            "model.backbone.norm=LN",  # a LazyCall'd object replaced by a name Detectron2 takes
         ],
     )
     assert cfg.train.max_iter == 10 and cfg.optimizer.lr == 1
     assert cfg.model.backbone.bottom_up.use_act_checkpoint is True
     assert cfg.dataloader.train.mapper.augmentations[1].target_height == 128
     assert cfg.train.my_note == "hello" and cfg.dataset.train[0] == "mine"
+    assert cfg.model.backbone.norm == "LN"
 
 
 @pytest.mark.parametrize(
@@ -89,3 +91,47 @@ def test_train_net_rejects_a_typo_before_building_anything(tmp_path):
     assert result.returncode != 0
     assert "unknown config key 'train.max_itr'" in result.stderr
     assert "Did you mean 'train.max_iter'" in result.stderr
+
+
+# Every entry point that takes overrides goes through `load_config`: a typo is an error naming it.
+TYPO = "model.roi_heads.box_predictor.test_score_thres=0.3"
+SAYS = "unknown config key 'model.roi_heads.box_predictor.test_score_thres'"
+
+
+def test_predictor_cfg_rejects_a_typo(tmp_path):
+    from hiera_det.predictor import predictor_cfg
+
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"")  # never read: the config is checked first
+    with pytest.raises(ConfigOverrideError, match=SAYS):
+        predictor_cfg(CONFIG, str(weights), [TYPO])
+
+
+def test_demo_rejects_a_typo(tmp_path):
+    import cv2
+    import numpy as np
+    from conftest import load_script
+
+    demo = load_script("demo.py", "demo_typo")
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    args = ["--config-file", CONFIG, "--input", str(image), "--output", str(tmp_path / "out")]
+    with pytest.raises(ConfigOverrideError, match=SAYS):
+        demo.main([*args, "--weights", str(image), "--opts", TYPO])
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["tools/benchmark.py", "--config-file", CONFIG, "--opts", TYPO],
+        ["tools/analyze_detector.py", "--config-file", CONFIG, TYPO],
+    ],
+    ids=["benchmark", "analyze_detector"],
+)
+def test_tools_reject_a_typo_before_building_anything(tool):
+    result = subprocess.run(
+        [sys.executable, *tool], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert SAYS in result.stderr and "Did you mean" in result.stderr
+    assert "Traceback" not in result.stderr

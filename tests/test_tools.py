@@ -60,12 +60,14 @@ def test_benchmark_names_resolve_and_unknown_ones_are_listed():
     from detectron2.modeling import MViT, SwinTransformer
     from detectron2.modeling.backbone.vit import ViT
 
-    assert bench.load_config("mvitv2_b", []).model.backbone.bottom_up._target_ is MViT
-    assert bench.load_config("swin_b", []).model.backbone.bottom_up._target_ is SwinTransformer
-    vit_l = bench.load_config("vitdet_l", []).model.backbone.net
+    assert bench.load_model_config("mvitv2_b", []).model.backbone.bottom_up._target_ is MViT
+    assert (
+        bench.load_model_config("swin_b", []).model.backbone.bottom_up._target_ is SwinTransformer
+    )
+    vit_l = bench.load_model_config("vitdet_l", []).model.backbone.net
     assert vit_l._target_ is ViT and (vit_l.embed_dim, vit_l.depth) == (1024, 24)
     with pytest.raises(SystemExit, match="vitdet_b.*mvitv2_b.*swin_b"):
-        bench.load_config("vitdet_x", [])
+        bench.load_model_config("vitdet_x", [])
 
 
 def test_analyze_detector_counts_parameters_and_flops():

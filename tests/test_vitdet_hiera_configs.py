@@ -299,10 +299,11 @@ def test_simple_fpn_config_builds_hiera_up_to_stage_3(path: Path):
     assert cfg.model.backbone.in_feature == "res4"
     net = cfg.model.backbone.net
     assert list(net.out_features) == ["res4"]
-    for key in ("size", "drop_path_rate", "global_blocks", "stage_windows"):  # same Hiera
+    for key in ("size", "drop_path_rate", "num_global_blocks", "stage_windows"):  # same Hiera
         assert net[key] == base.model.backbone.bottom_up[key]
     for key in ("out_channels", "norm", "square_pad"):
         assert cfg.model.backbone[key] == base.model.backbone[key]
+    assert cfg.train.init_checkpoint == base.train.init_checkpoint  # follows the moved Hiera
     shrink_backbone(cfg)
     backbone = instantiate(cfg.model.backbone)
     assert len(backbone.net.blocks) == 4  # stages (1, 1, 2, 1): stage 4 is not built

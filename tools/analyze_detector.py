@@ -19,8 +19,9 @@ import argparse
 import time
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
+from hiera_det.config_check import ConfigOverrideError, load_config
 from hiera_det.utils.flops import backbone_trunk, flop_analysis, zero_score_thresh
 
 
@@ -36,7 +37,10 @@ def main() -> None:
     parser.add_argument("opts", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    try:
+        cfg = load_config(args.config_file, args.opts)  # fails on unknown keys and wrong types
+    except (ConfigOverrideError, FileNotFoundError) as e:
+        parser.error(str(e))
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
     zero_score_thresh(model)

@@ -44,9 +44,12 @@ BASELINES = {
 }
 
 
-def load_config(spec: str, opts: list[str]):
+def load_model_config(spec: str, opts: list[str]):
+    """The LazyConfig of a built-in name or a config file; `opts` (checked by
+    `hiera_det.config_check.load_config`) apply to config files only."""
     from detectron2 import model_zoo
-    from detectron2.config import LazyConfig
+
+    from hiera_det.config_check import load_config
 
     if spec in BUILTINS:
         cfg = model_zoo.get_config("common/models/mask_rcnn_vitdet.py")
@@ -62,7 +65,7 @@ def load_config(spec: str, opts: list[str]):
     if not os.path.isfile(spec):
         names = BUILTINS + tuple(BASELINES)
         raise SystemExit(f"no such config file or built-in model: {spec!r} (built-ins: {names})")
-    return LazyConfig.apply_overrides(LazyConfig.load(spec), opts)
+    return load_config(spec, opts)
 
 
 def rss_mb() -> float:
@@ -90,7 +93,7 @@ def build(spec: str, task: str, opts: list[str]):
 
     from hiera_det.utils.flops import backbone_trunk, zero_score_thresh
 
-    cfg = load_config(spec, opts)
+    cfg = load_model_config(spec, opts)
     model = instantiate(cfg.model)
     zero_score_thresh(model)
     if task == "backbone":
@@ -200,37 +203,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, help="config file or built-in name")
-    parser.add_argument("--vs", nargs="*", default=[], help="models to compare against")
-    parser.add_argument("--task", choices=["inference", "train", "backbone"], default="inference")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--flops", action="store_true", help="also count FLOPs (slow for L)")
-    parser.add_argument("--peak", action="store_true", help="also measure matmul GFLOP/s")
-    parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
-    parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
-    args = parser.parse_args()
-
-    if args.model:  # worker: measure one model, print one JSON line
-        print("RESULT " + json.dumps(worker(args)), flush=True)
-        return
-
-    results = []
-    for spec in [args.config_file, *args.vs]:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"benchmark of {spec} failed (exit {proc.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(f"measured {spec}", file=sys.stderr, flush=True)
-
+def print_results(args, results: list[dict]) -> None:
+    """The table of measurements, with ratios against the first model (and the matmul peak)."""
     print(
         f"task={args.task} dtype={args.dtype} size={args.size} batch={args.batch} "
         f"iters={args.iters} warmup={args.warmup} device={results[0]['device']} "
@@ -263,6 +237,49 @@ def main() -> None:
                     f"  {r['model']}: {r['achieved_GFLOPs']:.0f} GFLOP/s achieved "
                     f"({100 * r['achieved_GFLOPs'] / peak:.0f}% of the {args.dtype} matmul peak)"
                 )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="config file or built-in name")
+    parser.add_argument("--vs", nargs="*", default=[], help="models to compare against")
+    parser.add_argument("--task", choices=["inference", "train", "backbone"], default="inference")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--flops", action="store_true", help="also count FLOPs (slow for L)")
+    parser.add_argument("--peak", action="store_true", help="also measure matmul GFLOP/s")
+    parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
+    args = parser.parse_args()
+
+    if args.model:  # worker: measure one model, print one JSON line
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    from hiera_det.config_check import ConfigOverrideError
+
+    specs = [args.config_file, *args.vs]
+    for spec in specs:  # a typo in --opts fails here, before any model is measured
+        if not spec.startswith("official_hiera_"):
+            try:
+                load_model_config(spec, args.opts)
+            except ConfigOverrideError as e:
+                raise SystemExit(f"{spec}: {e}") from None
+    results = []
+    for spec in specs:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"benchmark of {spec} failed (exit {proc.returncode})")
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(f"measured {spec}", file=sys.stderr, flush=True)
+
+    print_results(args, results)
 
 
 if __name__ == "__main__":

@@ -19,22 +19,32 @@ from hiera_det.data.sampling import build_resumable_train_loader
 
 image_size = 1024
 
+
+def lsj_augmentations(size: int, min_scale: float = 0.1, max_scale: float = 2.0) -> list:
+    """Large-scale jitter on a `size` square: flip, resize by a random factor in
+    [min_scale, max_scale] of the square, random `size` x `size` crop (unpadded)."""
+    return [
+        L(T.RandomFlip)(horizontal=True),
+        L(T.ResizeScale)(
+            min_scale=min_scale, max_scale=max_scale, target_height=size, target_width=size
+        ),
+        L(T.FixedSizeCrop)(crop_size=(size, size), pad=False),
+    ]
+
+
+def square_test_resize(size: int) -> list:
+    """Shortest edge to `size`, longest capped at `size`: every test image fits the square."""
+    return [L(T.ResizeShortestEdge)(short_edge_length=size, max_size=size)]
+
+
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 # Same arguments as Detectron2's: a loader that --resume continues exactly (and that gives the same
 # batches on any number of processes), and a mapper that skips unreadable images with a message
 # and reads 16-bit, gray and RGBA images (docs/reliability.md).
 dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.mapper._target_ = RobustDatasetMapper
-dataloader.train.mapper.augmentations = [
-    L(T.RandomFlip)(horizontal=True),
-    L(T.ResizeScale)(
-        min_scale=0.1, max_scale=2.0, target_height=image_size, target_width=image_size
-    ),
-    L(T.FixedSizeCrop)(crop_size=(image_size, image_size), pad=False),
-]
+dataloader.train.mapper.augmentations = lsj_augmentations(image_size)
 dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.recompute_boxes = True  # boxes cut by the crop are re-fit to their masks
 dataloader.train.total_batch_size = 64
-dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size),
-]
+dataloader.test.mapper.augmentations = square_test_resize(image_size)

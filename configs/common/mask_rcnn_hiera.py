@@ -8,17 +8,7 @@ heads (box: 4 convs + 1 fc; mask: 4 convs + deconv).
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from hiera_det.modeling import HIERA_SIZES, ConvNormRPNHead, build_hiera, channel_layer_norm
-
-
-def spread_global_blocks(size: str, num: int = 4) -> list[int]:
-    """Block indices of `num` global blocks spread over Hiera stage 3: the last block of each of
-    `num` equal parts of the stage (ViTDet's rule for ViT, applied to the stage that holds most of
-    the depth; e.g. base (2, 3, 16, 3) -> [8, 12, 16, 20])."""
-    stages = HIERA_SIZES[size]["stages"]
-    first, length = sum(stages[:2]), stages[2]
-    return [first + round(length * (k + 1) / num) - 1 for k in range(num)]
-
+from hiera_det.modeling import ConvNormRPNHead, build_hiera, channel_layer_norm
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 
@@ -33,10 +23,11 @@ model.backbone.bottom_up = L(build_hiera)(
     out_features=["res2", "res3", "res4", "res5"],
     # Attention layout at 1024 px (measured in docs/detection.md): stages 1-2 keep mask unit
     # attention; stage 3 attends within 8x8 mask units (256 px windows tile the 1024 square with
-    # no padding) except 4 global blocks spread over it (ViTDet's rule); stage 4 stays global
-    # (32x32 tokens). Fully global stages 3-4 would cost 0.14T (B) / 0.57T (L) more FLOPs.
+    # no padding) except 4 global blocks spread over it (ViTDet's rule; `build_hiera` derives
+    # their indices from the size, e.g. B: 8, 12, 16, 20); stage 4 stays global (32x32 tokens).
+    # Fully global stages 3-4 would cost 0.14T (B) / 0.57T (L) more FLOPs.
     stage_windows=[1, 1, 8, 0],
-    global_blocks=spread_global_blocks("base"),
+    num_global_blocks=4,
     use_sdpa=True,
 )
 # "LN" everywhere below: Detectron2's channels-first LayerNorm, computed by one fused op
@@ -44,9 +35,14 @@ model.backbone.bottom_up = L(build_hiera)(
 model.backbone.norm = L(channel_layer_norm)()
 model.backbone.square_pad = 1024  # LSJ crops are 1024 squares; test images are resized into one
 
+# The RPN and RoI heads read the pyramid, so their input width is the pyramid's (256): set
+# `model.backbone.out_channels` alone to change it.
+FPN_WIDTH = "${model.backbone.out_channels}"
 model.proposal_generator.head = L(ConvNormRPNHead)(
-    in_channels=256, num_anchors=3, conv_dims=[-1, -1], conv_norm=L(channel_layer_norm)()
+    in_channels=FPN_WIDTH, num_anchors=3, conv_dims=[-1, -1], conv_norm=L(channel_layer_norm)()
 )
+model.roi_heads.box_head.input_shape.channels = FPN_WIDTH
+model.roi_heads.mask_head.input_shape.channels = FPN_WIDTH
 model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
 model.roi_heads.box_head.fc_dims = [1024]
 model.roi_heads.box_head.conv_norm = L(channel_layer_norm)()

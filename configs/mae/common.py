@@ -61,16 +61,16 @@ optimizer = L(torch.optim.AdamW)(
             "mask_token": {"weight_decay": 0.0},
         },
     ),
-    lr=8e-4,  # replaced by train.base_lr scaled to the batch size
+    lr=None,  # train.base_lr * batch / train.base_batch_size, set by resolve_epoch_schedule
     betas=(0.9, 0.95),
     weight_decay=0.05,
 )
 
 # Linear warm-up from 0, then a half-cosine to 0 over the rest (MAE's schedule). Lengths are
-# fractions of training; warmup_length is set from train.warmup_epochs / train.epochs.
+# fractions of training.
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(CosineParamScheduler)(start_value=1.0, end_value=0.0),
-    warmup_length=40 / 400,
+    warmup_length=None,  # train.warmup_epochs / train.epochs, set by resolve_epoch_schedule
     warmup_factor=0.0,
     rescale_interval=True,  # the cosine starts where the warm-up ends
 )

@@ -41,6 +41,7 @@ __all__ = [
     "build_hiera",
     "reroll",
     "resize_pos_embed",
+    "spread_global_blocks",
     "unroll",
 ]
 
@@ -55,11 +56,29 @@ HIERA_SIZES: dict[str, dict] = {
 }
 
 
-def build_hiera(size: str, **kwargs) -> Hiera:
-    """Build a Hiera of a named size (a key of `HIERA_SIZES`); `kwargs` override anything."""
+def spread_global_blocks(stages: Sequence[int], num: int) -> list[int]:
+    """Block indices of `num` global blocks spread over stage 3: the last block of each of `num`
+    equal parts of the stage (ViTDet's rule for ViT, applied to the stage that holds most of the
+    depth; e.g. base (2, 3, 16, 3) and 4 -> [8, 12, 16, 20])."""
+    first, length = sum(stages[:2]), stages[2]
+    if not 0 <= num <= length:
+        raise ValueError(f"cannot spread {num} global blocks over a stage 3 of {length} blocks")
+    return [first + round(length * (k + 1) / num) - 1 for k in range(num)]
+
+
+def build_hiera(size: str, num_global_blocks: int = 0, **kwargs) -> Hiera:
+    """Build a Hiera of a named size (a key of `HIERA_SIZES`); `kwargs` override anything.
+
+    `num_global_blocks` global blocks are spread over stage 3 of the model being built
+    (`spread_global_blocks`), unless `global_blocks` names them. They are derived here, when the
+    size is known, so that overriding the size (or the stages) moves them with it.
+    """
     if size not in HIERA_SIZES:
         raise KeyError(f"unknown Hiera size {size!r}; choose one of {sorted(HIERA_SIZES)}")
-    return Hiera(**{**HIERA_SIZES[size], **kwargs})
+    args = {**HIERA_SIZES[size], **kwargs}
+    if num_global_blocks and "global_blocks" not in kwargs:
+        args["global_blocks"] = spread_global_blocks(args["stages"], num_global_blocks)
+    return Hiera(**args)
 
 
 # ----------------------------------------------------------------------------------------------

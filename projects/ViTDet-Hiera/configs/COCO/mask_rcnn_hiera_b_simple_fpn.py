@@ -8,4 +8,4 @@ Not in the paper; the recipe (lr, drop path, schedule, LSJ) is the FPN config's.
 from .....configs.mask_rcnn_hiera_b import dataloader, lr_multiplier, model, optimizer, train
 from ..common.simple_fpn import to_simple_feature_pyramid
 
-to_simple_feature_pyramid(model)
+to_simple_feature_pyramid(model, train)

@@ -5,12 +5,8 @@ Not in the paper. Learning rate: ViTDet doubles its COCO lr for LVIS (1e-4 -> 2e
 we do the same to Hiera-B's COCO lr (3.5e-5 -> 7e-5). Unverified: no AP measured.
 """
 
-from .....configs.common.schedule import step_lr_multiplier
 from .....configs.mask_rcnn_hiera_b import dataloader, model, optimizer, train
-from ..common.lvis import LVIS_100EP_ITERS, to_lvis
+from ..common.lvis import to_lvis, to_lvis_schedule
 
 to_lvis(dataloader, model)
-train.max_iter = LVIS_100EP_ITERS  # 156250
-train.eval_period = 30000  # an LVIS evaluation takes long: ViTDet's period
-lr_multiplier = step_lr_multiplier(train.max_iter)  # decays at 138889 and 150463, as ViTDet
-optimizer.lr = 7e-5
+lr_multiplier = to_lvis_schedule(train, optimizer)  # 156250 iterations, lr 3.5e-5 x 2 = 7e-5

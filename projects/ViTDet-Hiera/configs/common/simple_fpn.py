@@ -10,6 +10,7 @@ are reported as unused when loading. Everything else in the model config is left
 
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from omegaconf import OmegaConf
 
 from hiera_det.modeling.simple_fpn import SimpleFeaturePyramid
 
@@ -17,10 +18,11 @@ IN_FEATURE = "res4"  # stride 16: ViT's stride, the only one ViTDet's scale fact
 SCALE_FACTORS = (4.0, 2.0, 1.0, 0.5)  # strides 4, 8, 16, 32 from stride 16; p6 by the top block
 
 
-def to_simple_feature_pyramid(model):
+def to_simple_feature_pyramid(model, train=None):
     """Replace ``model.backbone`` (an `FPN` over a Hiera ``bottom_up``) by a `SimpleFeaturePyramid`
-    over that Hiera's stage 3, keeping the FPN's width, norm and square padding. In place; returns
-    `model`."""
+    over that Hiera's stage 3, keeping the FPN's width, norm and square padding. Settings of
+    `train` that interpolate the Hiera's arguments (``train.init_checkpoint`` follows its size)
+    are pointed at its new place, ``model.backbone.net``. In place; returns `model`."""
     fpn = model.backbone
     net = fpn.bottom_up
     net.out_features = [IN_FEATURE]
@@ -33,4 +35,8 @@ def to_simple_feature_pyramid(model):
         norm=fpn.norm,
         square_pad=fpn.square_pad,
     )
+    if train is not None:
+        for key, value in OmegaConf.to_container(train, resolve=False).items():
+            if isinstance(value, str) and "${model.backbone.bottom_up." in value:
+                train[key] = value.replace("${model.backbone.bottom_up.", "${model.backbone.net.")
     return model
