@@ -1,9 +1,12 @@
 """A hook for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
-over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values."""
+over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values;
+and a hook that kills a torchrun worker once."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -26,3 +29,16 @@ class RawLossWriter(HookBase):
                 row[key] = value
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class KillFirstWorkerGroupOnce(HookBase):
+    """SIGKILL the process of `rank` before step `iteration`, in torchrun's first worker group only
+    (``TORCHELASTIC_RESTART_COUNT`` 0): a worker dying mid-run, as a lost machine would."""
+
+    def __init__(self, iteration: int, rank: int):
+        self.iteration, self.rank = iteration, rank
+
+    def before_step(self) -> None:
+        first_group = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        if first_group and self.trainer.iter == self.iteration and comm.get_rank() == self.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
