@@ -49,6 +49,7 @@ __all__ = [
     "first_slurm_host",
     "join_launcher_group",
     "launch_from_args",
+    "local_gpu",
     "resume_after_elastic_restart",
     "slurm_default_port",
 ]
@@ -243,7 +244,7 @@ def _check_no_detectron2_flags(args: argparse.Namespace, env: LauncherEnv) -> No
         )
 
 
-def _local_device(env: LauncherEnv) -> int:
+def local_gpu(env: LauncherEnv) -> int:
     """The GPU of this local rank: one per local rank, or the only visible one where the
     launcher gives each process its own (``srun --gpus-per-task=1``, CUDA_VISIBLE_DEVICES)."""
     count = torch.cuda.device_count()
@@ -262,7 +263,7 @@ def join_launcher_group(env: LauncherEnv, timeout: timedelta = DEFAULT_TIMEOUT) 
     spawns: NCCL with one GPU per local rank, or gloo on the CPU; the per-machine group."""
     has_gpu = torch.cuda.is_available()
     if has_gpu:
-        torch.cuda.set_device(_local_device(env))
+        torch.cuda.set_device(local_gpu(env))
     dist.init_process_group(
         backend="nccl" if has_gpu else "gloo",
         init_method=env.init_method,
