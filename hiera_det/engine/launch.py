@@ -264,9 +264,14 @@ def join_launcher_group(env: LauncherEnv, timeout: timedelta = DEFAULT_TIMEOUT) 
     has_gpu = torch.cuda.is_available()
     if has_gpu:
         torch.cuda.set_device(local_gpu(env))
+    store, _, _ = next(dist.rendezvous(env.init_method, env.rank, env.world_size, timeout=timeout))
+    # torchrun (c10d rendezvous) keeps one store for every restart of the worker group: without a
+    # prefix of its own, a restarted worker can read a killed one's keys (its gloo address) before
+    # that one's successor overwrites them, and fail to connect (seen here with torch 2.14).
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend="nccl" if has_gpu else "gloo",
-        init_method=env.init_method,
+        store=dist.PrefixStore(f"hiera_det/restart_{restart}/", store),
         world_size=env.world_size,
         rank=env.rank,
         timeout=timeout,
