@@ -82,16 +82,24 @@ def test_srun_task_variables():
     assert find_launcher_env({**SRUN_ENV, **TORCHRUN_ENV}).launcher == "torchrun"
 
 
-def test_one_process_under_slurm_is_no_group(caplog):
+def test_one_process_under_slurm_is_no_group(monkeypatch, caplog):
     one_task = {**SRUN_ENV, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1"}
     one_task.update(SLURM_STEP_NUM_TASKS="1", SLURM_STEP_TASKS_PER_NODE="1")
     assert find_launcher_env(one_task) is None
     # The batch script itself (no srun step) is one process, whatever SLURM_NTASKS says.
     batch = {k: v for k, v in SRUN_ENV.items() if not k.startswith("SLURM_STEP")}
-    with caplog.at_level(logging.WARNING, logger="hiera_det.engine.launch"):
-        assert find_launcher_env({**batch, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) is None
-    assert "SLURM_NTASKS=4 but this process is not a task of an srun step" in caplog.text
+    batch.update(SLURM_PROCID="0", SLURM_LOCALID="0")
+    assert find_launcher_env(batch) is None
     assert find_launcher_env({}) is None
+    for key in [*TORCHRUN_ENV, *SRUN_ENV]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in batch.items():
+        monkeypatch.setenv(key, value)
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="hiera_det.engine.launch"):
+        launch_from_args(ran.append, args := _args())
+    assert ran == [args]
+    assert "SLURM_NTASKS=4 but this process is not a task of an srun step" in caplog.text
 
 
 def test_uneven_tasks_per_node_are_refused():

@@ -205,7 +205,8 @@ def find_launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv |
 
     torchrun's variables (``RANK`` or ``WORLD_SIZE`` set) come first: ``srun torchrun ...`` is
     torchrun's group. Then a task of an ``srun`` step with more than one task. A SLURM batch
-    script itself (``sbatch`` without ``srun``) is one process, whatever ``SLURM_NTASKS`` says.
+    script itself (``sbatch`` without ``srun``) is one process, whatever ``SLURM_NTASKS`` says
+    (`launch_from_args` warns that it runs alone).
     Inconsistent or partial variables raise `LaunchError`.
     """
     environ = os.environ if environ is None else environ
@@ -215,16 +216,16 @@ def find_launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv |
     if in_srun_step and "SLURM_PROCID" in environ:
         env = _slurm_env(environ)
         return env if env.world_size > 1 else None
-    if _integer_or_zero(environ, "SLURM_NTASKS") > 1:
+    return None
+
+
+def _warn_if_slurm_batch_script(environ: Mapping[str, str]) -> None:
+    in_srun_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
+    if not in_srun_step and "SLURM_NTASKS" in environ and _integer(environ, "SLURM_NTASKS") > 1:
         logger.warning(
             f"SLURM_NTASKS={environ['SLURM_NTASKS']} but this process is not a task of an srun "
             "step: it runs alone. Start it with srun to use every task (docs/distributed.md)."
         )
-    return None
-
-
-def _integer_or_zero(environ: Mapping[str, str], name: str) -> int:
-    return _integer(environ, name) if name in environ else 0
 
 
 def _check_no_detectron2_flags(args: argparse.Namespace, env: LauncherEnv) -> None:
@@ -287,6 +288,7 @@ def launch_from_args(
     through Detectron2's `launch` with the command line's spawning flags."""
     env = find_launcher_env()
     if env is None:
+        _warn_if_slurm_batch_script(os.environ)
         launch(
             main_func,
             args.num_gpus,
