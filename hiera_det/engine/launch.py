@@ -212,16 +212,19 @@ def find_launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv |
     environ = os.environ if environ is None else environ
     if "RANK" in environ or "WORLD_SIZE" in environ:
         return _torchrun_env(environ)
-    in_srun_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
-    if in_srun_step and "SLURM_PROCID" in environ:
+    if _in_srun_step(environ) and "SLURM_PROCID" in environ:
         env = _slurm_env(environ)
         return env if env.world_size > 1 else None
     return None
 
 
+def _in_srun_step(environ: Mapping[str, str]) -> bool:
+    return "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ  # (the older spelling)
+
+
 def _warn_if_slurm_batch_script(environ: Mapping[str, str]) -> None:
-    in_srun_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
-    if not in_srun_step and "SLURM_NTASKS" in environ and _integer(environ, "SLURM_NTASKS") > 1:
+    batch = not _in_srun_step(environ) and "SLURM_NTASKS" in environ
+    if batch and _integer(environ, "SLURM_NTASKS") > 1:
         logger.warning(
             f"SLURM_NTASKS={environ['SLURM_NTASKS']} but this process is not a task of an srun "
             "step: it runs alone. Start it with srun to use every task (docs/distributed.md)."
