@@ -6,6 +6,7 @@
         train.init_checkpoint=output/model_final.pth
     python train_net.py --config-file ... --num-gpus 8 [--num-machines M --machine-rank R
         --dist-url tcp://host:port]
+    torchrun --nproc_per_node=8 [--nnodes ...] train_net.py --config-file ...   (or under srun)
 
 The config provides ``model``, ``dataloader.train`` (and optionally ``dataloader.test`` +
 ``dataloader.evaluator``), ``optimizer``, ``lr_multiplier`` and ``train`` (configs/common/train.py).
@@ -14,6 +15,8 @@ has an evaluator. ``train.init_checkpoint`` may be a detector checkpoint or Hier
 (official, timm, our MAE output): `HieraCheckpointer` loads the latter into the backbone and reports
 what loaded. ``train.extra_hooks`` lists LazyCall'd `HookBase` objects registered after the
 default hooks. On a machine without CUDA everything runs on the CPU, in fp32.
+
+Multi-machine commands (torchrun, SLURM, elastic restarts): docs/distributed.md.
 
 COCO-format data of one's own: ``dataset.train=[name,json,image_dir]`` and
 ``dataset.test=[name,json,image_dir]`` (see `hiera_det.data.datasets`).
@@ -32,7 +35,6 @@ from detectron2.engine import (
     default_setup,
     default_writers,
     hooks,
-    launch,
 )
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -44,6 +46,12 @@ from hiera_det.config_check import load_config
 from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
 from hiera_det.data.validation import validate_datasets
 from hiera_det.engine.hooks import DeterministicSteps, FiniteParametersCheck
+from hiera_det.engine.launch import (
+    LaunchError,
+    check_in_launcher_group,
+    launch_from_args,
+    resume_after_elastic_restart,
+)
 from hiera_det.mae import resolve_epoch_schedule
 
 logger = logging.getLogger("detectron2")
@@ -134,12 +142,14 @@ def check_datasets(cfg, eval_only: bool) -> None:
 
 
 def main(args) -> dict | None:
+    check_in_launcher_group()  # before anything is written: never two runs in one folder
     cfg = load_config(args.config_file, args.opts)  # fails on unknown keys and wrong types
     apply_dataset_config(cfg)  # before default_setup saves the config: dataset names, classes
     default_setup(cfg, args)
     # hiera_det's messages (skipped images, dataset reports, data stream) in log.txt too; they
     # still propagate to the root logger (setup_logger turns that off), e.g. for pytest's caplog.
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="hiera_det").propagate = True
+    resume_after_elastic_restart(args, cfg.train.output_dir)  # torchrun --max-restarts
     choose_device(cfg)
     check_datasets(cfg, args.eval_only)
 
@@ -159,14 +169,11 @@ def main(args) -> dict | None:
 
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        # torchrun / srun's process group, else Detectron2's --num-gpus ... spawning.
+        launch_from_args(main, args)
+    except LaunchError as e:
+        raise SystemExit(f"train_net.py: {e}") from None
 
 
 if __name__ == "__main__":

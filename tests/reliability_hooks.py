@@ -1,10 +1,13 @@
 """Hooks for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
 over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values;
-the weights a run starts from are saved to measure how far training moved them."""
+the weights a run starts from are saved to measure how far training moved them; and a hook
+that kills a torchrun worker once."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import torch
 from detectron2.engine import HookBase
@@ -42,3 +45,16 @@ class InitialWeightsWriter(HookBase):
             return
         model = getattr(self.trainer.model, "module", self.trainer.model)  # DDP
         torch.save(model.state_dict(), self.path)
+
+
+class KillFirstWorkerGroupOnce(HookBase):
+    """SIGKILL the process of `rank` before step `iteration`, in torchrun's first worker group only
+    (``TORCHELASTIC_RESTART_COUNT`` 0): a worker dying mid-run, as a lost machine would."""
+
+    def __init__(self, iteration: int, rank: int):
+        self.iteration, self.rank = iteration, rank
+
+    def before_step(self) -> None:
+        first_group = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        if first_group and self.trainer.iter == self.iteration and comm.get_rank() == self.rank:
+            os.kill(os.getpid(), signal.SIGKILL)

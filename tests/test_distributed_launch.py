@@ -1,0 +1,161 @@
+"""train_net.py started the way clusters start PyTorch, end to end in subprocesses on the CPU
+(gloo): torchrun's two workers are one run of world size 2 that trains as Detectron2's
+``--num-gpus 2`` does; a worker killed under ``--max-restarts=1`` is restarted and the run goes on
+from the last checkpoint with the losses of a run never stopped; ``--eval-only`` under torchrun
+prints one process's AP tables; an srun task's SLURM variables start a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import shrink_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/quickstart.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))},
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    "OMP_NUM_THREADS": "1",  # CPU results must not depend on how many threads are free
+}
+MAX_ITER = 6
+
+
+@pytest.fixture(scope="module")
+def opts(tiny_coco) -> list[str]:
+    """The quickstart config shrunk to a tiny model on the 4-image dataset, 6 steps of batch 2."""
+    return shrink_overrides(64) + [
+        f"dataset.train=[launch_train,{tiny_coco.json_file},{tiny_coco.image_root}]",
+        f"dataset.test=[launch_test,{tiny_coco.json_file},{tiny_coco.image_root}]",
+        f"train.max_iter={MAX_ITER}",
+        "train.checkpointer.period=2",
+        "train.log_period=1",
+        "train.seed=11",
+        "model.roi_heads.box_predictor.test_score_thresh=0.0",  # detections for every image
+    ]
+
+
+def _run(launcher: list[str], output: Path, opts: list[str], *extra: str, env=None) -> str:
+    """Run train_net.py into `output` (raw losses per step in losses.jsonl, plus `hooks`);
+    return its stdout + stderr."""
+    hooks = [f"{{_target_:reliability_hooks.RawLossWriter,path:'{output / 'losses.jsonl'}'}}"]
+    hooks += [h for h in extra if h.startswith("{")]
+    command = [
+        *launcher, str(ROOT / "train_net.py"), "--config-file", str(CONFIG),
+        *[e for e in extra if not e.startswith("{")], *opts,
+        f"train.output_dir={output}", f"train.extra_hooks=[{','.join(hooks)}]",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+def _losses(output: Path) -> dict[int, dict]:
+    """iteration -> raw losses of that step; a restarted group's rows replace the killed one's."""
+    rows = [json.loads(line) for line in (output / "losses.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r for r in rows}
+
+
+def _assert_same_losses(run: dict, reference: dict, iterations) -> None:
+    for it in iterations:
+        assert run[it].keys() == reference[it].keys(), it
+        for key, value in reference[it].items():
+            assert run[it][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (it, key)
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(opts, tmp_path_factory) -> Path:
+    """The output folder of an uninterrupted ``torchrun --nproc_per_node=2`` run."""
+    output = tmp_path_factory.mktemp("torchrun")
+    _run(TORCHRUN, output, opts)
+    return output
+
+
+def test_torchrun_is_one_run_of_world_size_2_like_num_gpus_2(opts, torchrun_run, tmp_path):
+    log, log_rank1 = ((torchrun_run / name).read_text() for name in ("log.txt", "log.txt.rank1"))
+    assert "Rank of current process: 0. World size: 2" in log
+    assert "Rank of current process: 1. World size: 2" in log_rank1
+    metrics = [
+        json.loads(line) for line in (torchrun_run / "metrics.json").read_text().splitlines()
+    ]
+    assert [m["iteration"] for m in metrics if "total_loss" in m] == list(range(MAX_ITER))
+    # Rank 0 alone writes checkpoints (rank 1 logs into log.txt.rank1).
+    saved = [line.rsplit("/", 1)[1] for line in log.splitlines() if "Saving checkpoint" in line]
+    assert saved == [
+        "model_0000001.pth",
+        "model_0000003.pth",
+        "model_0000005.pth",
+        "model_final.pth",
+    ]
+    assert "Saving checkpoint" not in log_rank1
+
+    spawned = tmp_path / "spawned"
+    _run([sys.executable], spawned, opts, "--num-gpus", "2", "--dist-url", "auto")
+    reference = _losses(spawned)
+    assert sorted(reference) == list(range(MAX_ITER))
+    assert len({round(r["total_loss"], 6) for r in reference.values()}) == MAX_ITER
+    _assert_same_losses(_losses(torchrun_run), reference, range(MAX_ITER))
+
+
+def test_killed_worker_is_restarted_and_resumes_like_an_uninterrupted_run(
+    opts, torchrun_run, tmp_path
+):
+    """Rank 1 dies before step 5; step 4 needed both ranks' gradients, so rank 0 had saved
+    model_0000003.pth (after step 3) before: the restarted group goes on from step 4."""
+    kill = "{_target_:reliability_hooks.KillFirstWorkerGroupOnce,iteration:5,rank:1}"
+    _run([*TORCHRUN, "--max-restarts=1"], tmp_path, opts, kill)
+    log = (tmp_path / "log.txt").read_text()
+    assert (
+        "torchrun restarted the worker group (restart 1): resuming from its last checkpoint "
+        f"{tmp_path / 'model_0000003.pth'}"
+    ) in log
+    assert log.count("Starting training from iteration 0") == 1
+    assert "Starting training from iteration 4" in log
+    assert (tmp_path / "model_final.pth").is_file()
+    losses, reference = _losses(tmp_path), _losses(torchrun_run)
+    assert sorted(losses) == list(range(MAX_ITER))
+    _assert_same_losses(losses, reference, range(4, MAX_ITER))
+
+
+def _copypaste(log: str) -> list[str]:
+    """Detectron2's `copypaste:` result lines (task names, metric names and values)."""
+    return [line.split("copypaste: ", 1)[1] for line in log.splitlines() if "copypaste: " in line]
+
+
+def test_eval_only_under_torchrun_prints_the_tables_of_one_process(opts, torchrun_run, tmp_path):
+    opts = opts + [f"train.init_checkpoint={torchrun_run / 'model_final.pth'}"]
+    _run([sys.executable], tmp_path / "one", opts, "--eval-only")
+    _run(TORCHRUN, tmp_path / "two", opts, "--eval-only")
+    one = _copypaste((tmp_path / "one" / "log.txt").read_text())
+    two_log = (tmp_path / "two" / "log.txt").read_text()
+    assert "World size: 2" in two_log
+    assert one == _copypaste(two_log)
+    assert [line for line in one if line.startswith("Task: ")] == ["Task: bbox", "Task: segm"]
+    values = [float(v) for line in one[2::3] for v in line.split(",") if v != "nan"]
+    assert values and any(v > 0 for v in values)  # a real comparison, not zeros against zeros
+
+
+def test_srun_task_of_one_trains_as_one_process(opts, tmp_path):
+    """SLURM's variables of ``srun --ntasks=1`` (no torchrun variables): one process, trained."""
+    env = {
+        **ENV,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_STEP_NUM_TASKS": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "1",
+        "SLURM_STEP_NODELIST": "localhost",
+    }
+    _run([sys.executable], tmp_path, opts + ["train.max_iter=2"], env=env)
+    assert "Rank of current process: 0. World size: 1" in (tmp_path / "log.txt").read_text()
+    assert sorted(_losses(tmp_path)) == [0, 1]
