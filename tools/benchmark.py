@@ -260,14 +260,14 @@ def main() -> None:
         if proc.returncode or not lines:
             sys.stderr.write(proc.stderr[-4000:])
             raise SystemExit(f"benchmark of {spec} failed (exit {proc.returncode})")
-        results += json.loads(lines[-1][len("RESULT ") :])
+        for r in json.loads(lines[-1][len("RESULT ") :]):
+            if "flops_G" in r:
+                r["achieved_GFLOPs"] = 2 * r["flops_G"] / r["median_s"]  # multiply-add = 2 FLOPs
+            results.append(r)
         print(f"measured {spec}", file=sys.stderr, flush=True)
-    for r in results:
-        if "flops_G" in r:
-            r["achieved_GFLOPs"] = 2 * r["flops_G"] / r["median_s"]  # multiply-add = 2 FLOPs
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        if args.json:  # after every model: a run stopped part-way keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     peaks = None
     if args.peak:
         peaks = {name: matmul_peak(t, args.device) for name, t in PEAK_DTYPES.items()}
