@@ -70,6 +70,10 @@ MODULE_OF = {
     "setuptools": "pkg_resources",  # Detectron2's model_zoo needs it; setuptools >= 81 lacks it
 }
 
+# What the steps import besides the carried wheels' modules: the image must have these.
+NEEDED_MODULES = ("torch", "torchvision", "timm", "cv2", "scipy", "matplotlib", "PIL", "numpy")
+NEEDED_MODULES += tuple(MODULE_OF.values()) + ("fvcore", "iopath", "pycocotools", "pytest")
+
 # The paper's Table 10 (Mask R-CNN, COCO, V100, fp32 test time in ms); ratios within a family.
 TABLE10_MS = {
     "Hiera-B": 173,
@@ -289,6 +293,8 @@ def environment(runner: Runner) -> dict:
         "          'pycocotools', 'fvcore'):\n"
         "    try: d[n] = m.version(n)\n"
         "    except m.PackageNotFoundError: d[n] = 'missing'\n"
+        "from importlib.util import find_spec\n"
+        f"d['missing modules'] = [n for n in {NEEDED_MODULES!r} if find_spec(n) is None]\n"
         "print('ENV ' + json.dumps(d))\n"
     )
     step = runner.run("environment", [sys.executable, "-c", code], 60)
