@@ -26,7 +26,7 @@ PURE=(
   cloudpickle==3.1.3 portalocker==4.4.2 hiera-transformer==0.1.4
   # insurance: needed by train_net.py's writers / the test run, maybe already on the image
   tqdm==4.70.1 tensorboard==2.21.0 absl-py==2.5.1
-  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4
   # Detectron2's model_zoo imports pkg_resources, gone from setuptools 81
   setuptools==80.10.2
 )
