@@ -226,21 +226,23 @@ class Runner:
         shown = shown if len(shown) < 600 else shown[:600] + " ..."
         self.log(f"\n=== {name} (limit {limit:.0f} s): {shown}")
         start = time.monotonic()
+        offset = self.log_file.stat().st_size
+        # Straight into the log file: if the whole run is killed, what each step said is there.
         with open(self.log_file, "a") as log:
             proc = subprocess.Popen(
-                cmd, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, start_new_session=True,
+                cmd, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )  # fmt: skip
-            lines = []
             try:
-                out, _ = proc.communicate(timeout=limit)
+                proc.wait(timeout=limit)
                 status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
+                proc.wait()
                 status = f"stopped at its {limit:.0f} s limit"
-            lines = (out or "").splitlines()
-            log.write("\n".join(lines) + "\n")
+        with open(self.log_file, errors="replace") as log:
+            log.seek(offset)
+            lines = log.read().splitlines()
         print("\n".join(lines[-15:]), flush=True)
         step = {
             "name": name,
@@ -331,20 +333,23 @@ def run_tests_and_draw_data(runner: Runner, cfg: Settings, work: Path, tests: bo
     draw = [sys.executable, "-m", "hiera_det.data.synthetic", "--output", str(data)]
     draw += ["--num-train", str(cfg.num_train), "--num-val", str(cfg.num_val)]
     draw += ["--image-size", str(cfg.image_size), str(cfg.image_size)]
+    draw_log = open(work / "draw.log", "w")  # closed once the drawing has ended
     drawing = subprocess.Popen(
-        draw, cwd=ROOT, env=runner.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        draw, cwd=ROOT, env=runner.env, stdout=draw_log, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )  # fmt: skip
     if tests:
         runner.run("tests", pytest_command(), cfg.budget["tests"])
     start = time.monotonic()
     try:
-        out, _ = drawing.communicate(timeout=max(1.0, cfg.budget["data"]))
+        drawing.wait(timeout=max(1.0, cfg.budget["data"]))
         status = "ok" if drawing.returncode == 0 else f"failed (exit {drawing.returncode})"
     except subprocess.TimeoutExpired:
         os.killpg(drawing.pid, signal.SIGKILL)
-        out, _ = drawing.communicate()
+        drawing.wait()
         status = "stopped at its limit"
+    draw_log.close()
+    out = (work / "draw.log").read_text(errors="replace")
     runner.log(f"=== data: {status} (waited {time.monotonic() - start:.1f} s after the tests)")
     runner.log(out or "")
     runner.steps.append(
