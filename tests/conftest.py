@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -19,6 +20,7 @@ def load_script(relative_path: str, name: str) -> ModuleType:
     ``tools/benchmark.py``) as module `name`."""
     spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (tools/gpu_check.py) look their module up there
     spec.loader.exec_module(module)
     return module
 

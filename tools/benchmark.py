@@ -2,8 +2,9 @@
 """Benchmark detectors and backbones side by side: parameters, FLOPs, latency, memory.
 
     python tools/benchmark.py --config-file configs/mask_rcnn_hiera_b.py --vs vitdet_b \\
-        [--task inference|train|backbone] [--dtype fp32|bf16|fp16] [--size 1024] [--batch 1] \\
-        [--iters 5] [--warmup 1] [--flops] [--peak] [--opts key=value ...]
+        [--task inference|train|backbone] [--dtype fp32|bf16|fp16 ...] [--size 1024] [--batch 1] \\
+        [--iters 5] [--warmup 1] [--device cuda|cpu] [--flops] [--peak] [--json FILE] \\
+        [--opts key=value ...]
 
 Each model is measured in its own subprocess, one after the other in this run, so that peak memory
 is its own; ratios are printed against the first model. A model is a LazyConfig file or a built-in
@@ -14,12 +15,14 @@ name: `vitdet_b` / `vitdet_l` (Detectron2's ViTDet Mask R-CNN from its bundled
 `official_hiera_<size>` (the `hiera-transformer` package, returning its four stage outputs).
 `--opts` overrides apply to every config-file model.
 
-Measured: latency after `--warmup` iterations (median/min/max of `--iters`), throughput
+Measured: latency after `--warmup` iterations (median/min/max of `--iters`; on CUDA every
+iteration ends with `torch.cuda.synchronize()`, so the host clock spans the GPU work), throughput
 (images/s), peak memory (CUDA: max allocated; CPU: peak resident set size of the process and its
 growth over the built model), FLOPs with `--flops` (fvcore, one multiply-add = one FLOP, attention
 counted; `hiera_det.utils.flops`) and, with `--peak`, this machine's matmul throughput for context.
 For inference the box score threshold is 0, so every model runs its mask head on the full 100
-detections, as a trained model does on a typical COCO image.
+detections, as a trained model does on a typical COCO image. Several `--dtype` values are measured
+one after the other on the same built model (one table each); `--json` writes every result.
 """
 
 from __future__ import annotations
@@ -143,19 +146,29 @@ def train_step(model) -> None:
         p.grad = None
 
 
-def worker(args) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+def worker(args) -> list[dict]:
+    """Build `args.model` once and measure it in every dtype of `args.dtype`."""
+    device = args.device
     make_inputs(args.size, args.batch, device, with_targets=args.task == "train")
     model, run = build(args.model, args.task, args.opts)
     model.to(device).train(args.task == "train")
-    params = sum(p.numel() for p in model.parameters())
-    result = {"model": args.model, "params_M": params / 1e6}
+    common = {"model": args.model, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     if args.flops and args.task != "train":
         from hiera_det.utils.flops import count_flops
 
         inputs = DETECTION_INPUTS if args.task == "inference" else (IMAGES,)
-        result["flops_G"] = count_flops(model.eval(), inputs) / 1e9
+        common["flops_G"] = count_flops(model.eval(), inputs) / 1e9
+    cpu = f"cpu x{os.cpu_count()}"
+    common["device"] = torch.cuda.get_device_name() if device == "cuda" else cpu
+    if device == "cuda":  # fp32 rows depend on these (PyTorch's defaults: matmul off, cuDNN on)
+        common["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        common["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    return [{**common, **measure(args, run, device, name)} for name in args.dtype]
+
+
+def measure(args, run, device: str, dtype_name: str) -> dict:
+    """Latency and peak memory of `run` under autocast to `dtype_name` (fp32: no autocast)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
 
     def step():
         with (
@@ -176,6 +189,7 @@ def worker(args) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    result = {"dtype": dtype_name}
     if device == "cuda":
         result["peak_mem_MB"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -185,28 +199,98 @@ def worker(args) -> dict:
         result["peak_growth_MB"] = max(peak_rss_mb() - base, 0.0)
     med = statistics.median(times)
     result.update(median_s=med, min_s=min(times), max_s=max(times), images_per_s=args.batch / med)
-    if "flops_G" in result:
-        result["achieved_GFLOPs"] = 2 * result["flops_G"] / med  # multiply-add = 2 FLOPs
-    cpu = f"cpu x{os.cpu_count()}"
-    result["device"] = torch.cuda.get_device_name() if device == "cuda" else cpu
     return result
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+MATMUL_N = 2048
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = MATMUL_N, reps: int = 5) -> float:
+    """GFLOP/s of an n x n x n matrix product on `device` (median of `reps`)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     times = []
-    for _ in range(reps):
+    for i in range(reps + 1):  # the first product is a warm-up
         start = time.perf_counter()
         a @ b
-        times.append(time.perf_counter() - start)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def print_results(args, results: list[dict]) -> None:
-    """The table of measurements, with ratios against the first model (and the matmul peak)."""
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="config file or built-in name")
+    parser.add_argument("--vs", nargs="*", default=[], help="models to compare against")
+    parser.add_argument("--task", choices=["inference", "train", "backbone"], default="inference")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["fp32", "bf16", "fp16"],
+        default=["fp32"],
+        help="one or more; each is measured on the same built model",
+    )
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--flops", action="store_true", help="also count FLOPs (slow for L)")
+    parser.add_argument("--peak", action="store_true", help="also measure matmul GFLOP/s")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available"
+    )
+    parser.add_argument("--json", help="also write every result to this file (a JSON list)")
+    parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
+    args = parser.parse_args()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+
+    if args.model:  # worker: measure one model, print one JSON line
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    from hiera_det.config_check import ConfigOverrideError
+
+    specs = [args.config_file, *args.vs]
+    for spec in specs:  # a typo in --opts fails here, before any model is measured
+        if not spec.startswith("official_hiera_"):
+            try:
+                load_model_config(spec, args.opts)
+            except ConfigOverrideError as e:
+                raise SystemExit(f"{spec}: {e}") from None
+    results = []  # one dict per (model, dtype)
+    for spec in specs:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"benchmark of {spec} failed (exit {proc.returncode})")
+        for r in json.loads(lines[-1][len("RESULT ") :]):
+            if "flops_G" in r:
+                r["achieved_GFLOPs"] = 2 * r["flops_G"] / r["median_s"]  # multiply-add = 2 FLOPs
+            results.append(r)
+        print(f"measured {spec}", file=sys.stderr, flush=True)
+        if args.json:  # after every model: a run stopped part-way keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    peaks = None
+    if args.peak:
+        peaks = {name: matmul_peak(t, args.device) for name, t in PEAK_DTYPES.items()}
+    for dtype in args.dtype:
+        print_table(args, [r for r in results if r["dtype"] == dtype], dtype, peaks)
+
+
+def print_table(args, results: list[dict], dtype: str, peaks: dict | None) -> None:
+    """One table of the models measured in `dtype`, ratios against the first."""
     print(
-        f"task={args.task} dtype={args.dtype} size={args.size} batch={args.batch} "
+        f"task={args.task} dtype={dtype} size={args.size} batch={args.batch} "
         f"iters={args.iters} warmup={args.warmup} device={results[0]['device']} "
         f"threads={torch.get_num_threads()}"
     )
@@ -227,59 +311,18 @@ def print_results(args, results: list[dict]) -> None:
             f"{r['median_s'] / first['median_s']:>11.2f}"
             f"{r[mem_key] / first[mem_key]:>10.2f}"
         )
-    if args.peak:
-        fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-        print(f"matmul peak here: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s (2048^3)")
+    if peaks:
+        print(
+            f"matmul peak here ({args.device}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+            f"bf16 {peaks['bf16']:.0f} GFLOP/s ({MATMUL_N}^3)"
+        )
+        peak = peaks["bf16"] if dtype == "bf16" else peaks["fp32"]
         for r in results:
             if "achieved_GFLOPs" in r:
-                peak = bf16 if args.dtype == "bf16" else fp32
                 print(
                     f"  {r['model']}: {r['achieved_GFLOPs']:.0f} GFLOP/s achieved "
-                    f"({100 * r['achieved_GFLOPs'] / peak:.0f}% of the {args.dtype} matmul peak)"
+                    f"({100 * r['achieved_GFLOPs'] / peak:.0f}% of the {dtype} matmul peak)"
                 )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, help="config file or built-in name")
-    parser.add_argument("--vs", nargs="*", default=[], help="models to compare against")
-    parser.add_argument("--task", choices=["inference", "train", "backbone"], default="inference")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--flops", action="store_true", help="also count FLOPs (slow for L)")
-    parser.add_argument("--peak", action="store_true", help="also measure matmul GFLOP/s")
-    parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
-    parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
-    args = parser.parse_args()
-
-    if args.model:  # worker: measure one model, print one JSON line
-        print("RESULT " + json.dumps(worker(args)), flush=True)
-        return
-
-    from hiera_det.config_check import ConfigOverrideError
-
-    specs = [args.config_file, *args.vs]
-    for spec in specs:  # a typo in --opts fails here, before any model is measured
-        if not spec.startswith("official_hiera_"):
-            try:
-                load_model_config(spec, args.opts)
-            except ConfigOverrideError as e:
-                raise SystemExit(f"{spec}: {e}") from None
-    results = []
-    for spec in specs:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"benchmark of {spec} failed (exit {proc.returncode})")
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(f"measured {spec}", file=sys.stderr, flush=True)
-
-    print_results(args, results)
 
 
 if __name__ == "__main__":

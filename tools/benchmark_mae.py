@@ -1,18 +1,24 @@
 #!/usr/bin/env python
 """MAE training-step throughput: ours vs the official `hiera-transformer`, and sparse vs dense.
 
-    python tools/benchmark_mae.py --size tiny --batch 8 [--steps 10 --warmup 3 --device cpu]
+    python tools/benchmark_mae.py --size tiny --batch 8 [--steps 10 --warmup 3 --device cpu] \
+        [--amp fp16|bf16] [--json FILE]
 
-A step is forward + backward + AdamW update at 224 px, fp32, mask ratio 0.6, the full decoder
-(8 x 512, 16 heads). Both models hold the same weights and get the same images and masks; their
-steps alternate, so a noisy shared machine slows both alike. Printed: the median step time and
-images/s of each, their ratio, and the speed-up of sparse pretraining (masked units deleted before
-the encoder) over running our encoder on every unit (same decoder and loss).
+A step is forward + backward + AdamW update at 224 px, mask ratio 0.6, the full decoder (8 x 512,
+16 heads), in fp32 or under autocast (`--amp`; fp16 with a `GradScaler`, as MAE trains). Both
+models hold the same weights and get the same images and masks; their steps alternate, so a noisy
+shared machine slows both alike. Printed: the median step time and images/s of each, their ratio,
+the speed-up of sparse pretraining (masked units deleted before the encoder) over running our
+encoder on every unit (same decoder and loss) and, on CUDA, each variant's memory: the largest
+growth of allocated memory during a step over the resting state (weights and optimizer state of
+all variants), and the peak allocated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import time
 
@@ -38,17 +44,29 @@ def step_official(model, images, visible):
     return model(images, mask=visible)[0]
 
 
-def timed(step, model, optimizer, images, visible, device) -> float:
-    if device.type == "cuda":
+def timed(step, model, optimizer, scaler, images, visible, amp) -> dict:
+    """One training step; its wall time and (CUDA) memory."""
+    device = images.device
+    cuda = device.type == "cuda"
+    optimizer.zero_grad(set_to_none=True)  # before the step: the resting state holds no gradients
+    if cuda:
         torch.cuda.synchronize()
+        resting = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    loss = step(model, images, visible)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if device.type == "cuda":
+    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    with autocast:
+        loss = step(model, images, visible)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    out = {"time_s": time.perf_counter() - start, "loss": loss.item()}
+    if cuda:
+        out["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
+        out["growth_MB"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
+    return out
 
 
 def main() -> None:
@@ -60,8 +78,11 @@ def main() -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-official", action="store_true", help="only sparse vs dense")
+    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast (default: fp32)")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    amp = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
 
     torch.manual_seed(0)
     ours = build_mae(args.size, mask_ratio=args.mask_ratio).to(device).train()
@@ -77,28 +98,60 @@ def main() -> None:
         for name, (_, model) in variants.items()
     }
 
+    # fp16 needs loss scaling; a disabled scaler passes fp32 / bf16 steps through unchanged.
+    scalers = {
+        name: torch.amp.GradScaler(device.type, enabled=amp is torch.float16) for name in variants
+    }
     images = torch.randn(args.batch, 3, 224, 224, device=device)
-    times = {name: [] for name in variants}
+    steps = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
         visible = ours.random_visible(args.batch, (7, 7))
         for name, (step, model) in variants.items():
-            t = timed(step, model, optims[name], images, visible, device)
+            out = timed(step, model, optims[name], scalers[name], images, visible, amp)
             if i >= args.warmup:
-                times[name].append(t)
+                steps[name].append(out)
+    report(args, device, steps)
 
+
+def report(args, device: torch.device, steps: dict[str, list[dict]]) -> None:
+    """Print the medians, ratios and memory; write them to `args.json` if given."""
     threads = torch.get_num_threads() if device.type == "cpu" else None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"MAE Hiera-{args.size}, 224 px, batch {args.batch}, mask ratio {args.mask_ratio}, fp32, "
-        f"{device.type}{f' ({threads} threads)' if threads else ''}, median of {args.steps} steps"
+        f"MAE Hiera-{args.size}, 224 px, batch {args.batch}, mask ratio {args.mask_ratio}, "
+        f"{args.amp or 'fp32'}, {where}{f' ({threads} threads)' if threads else ''}, "
+        f"median of {args.steps} steps"
     )
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    for name, t in median.items():
-        print(f"  {name:22s} {t * 1000:8.1f} ms/step  {args.batch / t:7.2f} images/s")
-    if "official (sparse)" in median:
-        ratio = median["official (sparse)"] / median["ours (sparse)"]
-        print(f"  ours / official throughput: {ratio:.2f}x")
-    speedup = median["ours (dense encoder)"] / median["ours (sparse)"]
-    print(f"  sparse / dense-encoder throughput: {speedup:.2f}x")
+    results = {}
+    for name, outs in steps.items():
+        t = statistics.median(o["time_s"] for o in outs)
+        r = {"median_s": t, "images_per_s": args.batch / t, "last_loss": outs[-1]["loss"]}
+        if "peak_MB" in outs[0]:
+            r["growth_MB"] = max(o["growth_MB"] for o in outs)
+            r["peak_MB"] = max(o["peak_MB"] for o in outs)
+        results[name] = r
+        memory = f"  +{r['growth_MB']:.0f} MB in a step" if "growth_MB" in r else ""
+        print(f"  {name:22s} {t * 1000:8.1f} ms/step  {r['images_per_s']:7.2f} images/s{memory}")
+    summary = {}
+    if "official (sparse)" in results:
+        summary["ours_over_official_throughput"] = (
+            results["official (sparse)"]["median_s"] / results["ours (sparse)"]["median_s"]
+        )
+        print(f"  ours / official throughput: {summary['ours_over_official_throughput']:.2f}x")
+        if "growth_MB" in results["ours (sparse)"]:
+            summary["ours_over_official_memory"] = (
+                results["ours (sparse)"]["growth_MB"] / results["official (sparse)"]["growth_MB"]
+            )
+            print(f"  ours / official step memory: {summary['ours_over_official_memory']:.2f}x")
+    summary["sparse_over_dense_throughput"] = (
+        results["ours (dense encoder)"]["median_s"] / results["ours (sparse)"]["median_s"]
+    )
+    print(f"  sparse / dense-encoder throughput: {summary['sparse_over_dense_throughput']:.2f}x")
+    if args.json:
+        meta = {k: getattr(args, k) for k in ("size", "batch", "steps", "warmup", "mask_ratio")}
+        meta.update(amp=args.amp or "fp32", device=where)
+        with open(args.json, "w") as f:
+            json.dump({**meta, "variants": results, **summary}, f, indent=1)
 
 
 if __name__ == "__main__":

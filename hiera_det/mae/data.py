@@ -185,7 +185,8 @@ class MAETrainLoader:
         self.sampler.set_position(seed, start_iter)
 
     def __iter__(self):
-        with preserved_rngs():  # creating the iterator draws from torch's RNG (see hiera_det.data.sampling)
+        # Creating the iterator draws from torch's RNG (see hiera_det.data.sampling).
+        with preserved_rngs():
             batches = iter(self.loader)
         for images, skipped in batches:
             for what in skipped:
