@@ -40,7 +40,9 @@ def test_the_case_has_what_it_claims(synthetic_case):
     assert len({d["category_id"] for d in detections}) == len(coco.getCatIds()) == 5
     assert sum(isinstance(a["segmentation"], list) for a in anns) >= 50  # polygons
     crowds = [a for a in anns if a["iscrowd"]]
-    assert sum(isinstance(a["segmentation"]["counts"], list) for a in crowds) >= 5  # regions
+    regions = [a for a in crowds if isinstance(a["segmentation"]["counts"], list)]
+    assert len(regions) >= 5  # uncompressed-RLE rectangles: their pixels fill their boxes
+    assert all(a["area"] == a["bbox"][2] * a["bbox"][3] > 0 for a in regions)
     assert sum(isinstance(a["segmentation"]["counts"], str) for a in crowds) >= 5  # instances
     areas = np.array([a["area"] for a in anns if not a["iscrowd"]])
     assert (areas < 32**2).any() and (areas > 96**2).any()  # every COCO area range is populated

@@ -100,7 +100,7 @@ def write_ground_truth(root: Path, num_images: int, image_size: int, seed: int) 
     for image in coco["images"]:
         if rng.random() < 0.35:
             x0, y0 = rng.integers(0, w // 2, 2)
-            x1, y1 = x0 + rng.integers(w // 8, w // 2, 2)
+            x1, y1 = (x0, y0) + rng.integers(w // 8, w // 2, 2)
             region = np.zeros((h, w), np.uint8)
             region[y0:y1, x0:x1] = 1
             crowd = {
@@ -205,7 +205,7 @@ def make_detections(json_file: str | Path, seed: int) -> list[dict]:
                     score * rng.uniform(0.3, 0.9),
                 )
         for _ in range(rng.poisson(2.5)):
-            bw, bh = rng.uniform(8, w / 2), rng.uniform(8, h / 2)
+            bw, bh = float(rng.uniform(8, w / 2)), float(rng.uniform(8, h / 2))
             box = [float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh)), bw, bh]
             add(
                 image_id, int(rng.choice(cat_ids)), box, _ellipse(box, h, w), rng.uniform(0.01, 0.6)
