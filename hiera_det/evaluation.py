@@ -1,8 +1,8 @@
 """COCO evaluation by faster-coco-eval's compiled COCOeval where it is installed, else pycocotools.
 
 The Detectron2 wheel has no compiled fast evaluator (``detectron2._C``'s ``COCOeval_opt``), so its
-`COCOEvaluator` runs pycocotools' pure-Python ``COCOeval``: segm AP on COCO val2017 then takes
-minutes of every evaluation period. `FastCOCOEvaluator` is that evaluator with one change: the
+`COCOEvaluator` runs pycocotools' pure-Python ``COCOeval`` (timings: docs/detection.md).
+`FastCOCOEvaluator` is that evaluator with one change: the
 COCOeval class it hands to Detectron2's ``_evaluate_predictions_on_coco`` is faster-coco-eval's
 ``COCOeval_faster`` (a maintained drop-in with the same matching rules and summary; the tests
 check all 12 ``stats`` against pycocotools to 1e-4). Everything else — result conversion, the json
