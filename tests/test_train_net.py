@@ -62,6 +62,7 @@ def test_train_resume_evaluate(tiny_coco, tmp_path):
     assert "training in fp32 on the CPU" in log  # AMP (on in the config) needs CUDA
     assert "eta:" in log  # the console writer with ETA
     assert "Evaluation results for bbox" in log  # the end-of-training evaluation
+    assert "COCO evaluation of tiny_train_net by faster-coco-eval" in log  # the configs' evaluator
 
     # 2. Resume to 3 iterations, with an extra hook given on the command line.
     extra_json = tmp_path / "extra_metrics.json"
