@@ -28,7 +28,7 @@ from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-__all__ = ["LazyConfigModel", "predictor_cfg"]
+__all__ = ["LazyConfigModel", "predictor_cfg", "read_test_resize"]
 
 
 def _load(config_file: str, opts: Sequence[str]):
@@ -44,8 +44,9 @@ def LazyConfigModel(cfg: CfgNode) -> nn.Module:  # noqa: N802 -- the registry ke
     return instantiate(_load(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
 
 
-def _test_resize(lazy, config_file: str) -> tuple[int, int]:
-    """(shortest edge, longest edge cap) of the test loader's `ResizeShortestEdge`."""
+def read_test_resize(lazy, config_file: str) -> tuple[int, int]:
+    """(shortest edge, longest edge cap; 0 = none) of the test loader's `ResizeShortestEdge` in
+    the loaded LazyConfig `lazy` (`config_file` names it in errors); ValueError if it has none."""
     try:
         augs = lazy.dataloader.test.mapper.augmentations
     except (AttributeError, KeyError):
@@ -82,7 +83,7 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
     lazy = _load(config_file, opts)
-    short, longest = _test_resize(lazy, config_file)
+    short, longest = read_test_resize(lazy, config_file)
 
     cfg = get_cfg()
     cfg.LAZY_CONFIG = CfgNode({"FILE": os.path.abspath(config_file), "OPTS": list(opts)})
