@@ -7,8 +7,10 @@
 `--input` takes image files and folders (searched recursively); each drawing is written under
 `--output` with the input's name (keeping sub-folders of an input folder). The model is the
 config's, run by Detectron2's `DefaultPredictor` (`hiera_det.predictor_cfg`), with the weights
-named by ``train.init_checkpoint`` (or `--weights`). Class names come from the config's test
-dataset. An unreadable image is reported by path and skipped; the run then exits with status 1.
+named by ``train.init_checkpoint`` (or `--weights`). With ``--onnx DIR/model.onnx`` it is that
+file (written by tools/export_model.py) run by ONNX Runtime (`hiera_det.export.OnnxPredictor`);
+the config is then the one it was exported from (e.g. ``DIR/config.yaml``). Class names come from
+the config's test dataset. An unreadable image is reported by path and skipped; the run then exits with status 1.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from hiera_det.config_check import load_config
 from hiera_det.engine.visualize import draw_predictions
-from hiera_det.predictor import predictor_cfg
+from hiera_det.export import OnnxModelError, OnnxPredictor
+from hiera_det.predictor import predictor_cfg, read_test_datasets
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SCORE_THRESH_KEY = "model.roi_heads.box_predictor.test_score_thresh"
@@ -52,6 +57,9 @@ def get_parser() -> argparse.ArgumentParser:
         "--confidence-threshold", type=float, default=0.5, help="draw detections scoring >= this"
     )
     parser.add_argument("--weights", help="detector checkpoint (default: train.init_checkpoint)")
+    parser.add_argument(
+        "--onnx", help="run this model.onnx (tools/export_model.py) with ONNX Runtime instead"
+    )
     parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides key=value ..."
     )
@@ -86,7 +94,24 @@ def output_path(output_dir: Path, relative: Path) -> Path:
     return path
 
 
-def build_predictor(args) -> tuple[DefaultPredictor, Metadata]:
+def build_onnx_predictor(args) -> tuple[OnnxPredictor, Metadata]:
+    if args.weights:
+        raise DemoError("--weights does not apply to --onnx: the ONNX file holds the weights")
+    predictor = OnnxPredictor(args.config_file, args.onnx, args.opts)
+    lazy = load_config(args.config_file, args.opts)
+    graph_threshold = OmegaConf.select(lazy, SCORE_THRESH_KEY)
+    if graph_threshold is not None and args.confidence_threshold < graph_threshold:
+        logger.warning(
+            f"the ONNX graph keeps detections scoring >= {graph_threshold} ({SCORE_THRESH_KEY} at "
+            f"export); --confidence-threshold {args.confidence_threshold} cannot show lower ones"
+        )
+    names = read_test_datasets(lazy)
+    return predictor, MetadataCatalog.get(names[0]) if names else Metadata()
+
+
+def build_predictor(args) -> tuple[DefaultPredictor | OnnxPredictor, Metadata]:
+    if args.onnx:
+        return build_onnx_predictor(args)
     opts = list(args.opts)
     lazy = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), opts)
     weights = args.weights or lazy.train.get("init_checkpoint", "")
@@ -143,6 +168,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, FileNotFoundError) as e:
+    except (DemoError, FileNotFoundError, OnnxModelError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -28,7 +28,7 @@ from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-__all__ = ["LazyConfigModel", "predictor_cfg", "read_test_resize"]
+__all__ = ["LazyConfigModel", "predictor_cfg", "read_test_datasets", "read_test_resize"]
 
 
 def _load(config_file: str, opts: Sequence[str]):
@@ -67,6 +67,12 @@ def read_test_resize(lazy, config_file: str) -> tuple[int, int]:
     )
 
 
+def read_test_datasets(lazy) -> tuple[str, ...]:
+    """The names of the test loader's datasets (for their metadata, e.g. class names)."""
+    names = lazy.dataloader.test.dataset.get("names", ())
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> CfgNode:
     """A yacs config for `DefaultPredictor` that runs the model of a LazyConfig.
 
@@ -94,7 +100,6 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
     cfg.INPUT.MIN_SIZE_TEST = short
     # The test resize caps the longest edge so that every image fits the model's square pad.
     cfg.INPUT.MAX_SIZE_TEST = longest or 1_000_000
-    names = lazy.dataloader.test.dataset.get("names", ())
-    cfg.DATASETS.TEST = (names,) if isinstance(names, str) else tuple(names)
+    cfg.DATASETS.TEST = read_test_datasets(lazy)
     cfg.freeze()
     return cfg

@@ -140,7 +140,73 @@ def train_step(model) -> None:
         p.grad = None
 
 
+ONNX_PREFIX = "onnx:"
+
+
+def zero_score_thresh_overrides(cfg) -> list[str]:
+    """Config overrides with the same effect as `zero_score_thresh` on the built model (Mask R-CNN
+    or Cascade), for a model that is exported rather than built here."""
+    heads = cfg.model.roi_heads
+    if "box_predictors" in heads:
+        names = [f"box_predictors.{k}" for k in range(len(heads.box_predictors))]
+    else:
+        names = ["box_predictor"]
+    return [f"model.roi_heads.{name}.test_score_thresh=0.0" for name in names]
+
+
+def onnx_worker(args, config_file: str) -> dict:
+    """Export `config_file` (random weights) with tools/export_model.py in a subprocess, then time
+    `OnnxPredictor` (ONNX Runtime, CPU) on the benchmark image; no PyTorch model in this process."""
+    import tempfile
+
+    import numpy as np
+
+    from hiera_det.export import OnnxPredictor
+
+    if args.task != "inference" or args.batch != 1:
+        raise SystemExit("--onnx measures --task inference at --batch 1")
+    opts = [*args.opts, *zero_score_thresh_overrides(load_config(config_file, args.opts))]
+    opts.append("train.init_checkpoint=")
+    out = tempfile.mkdtemp(prefix="benchmark_onnx_")
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_model.py")
+    cmd = [sys.executable, tool, "--config-file", config_file, "--output", out, *opts]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"export of {config_file} failed (exit {proc.returncode})")
+    with open(os.path.join(out, "export.json")) as f:
+        report = json.load(f)
+    make_inputs(args.size, args.batch, "cpu", with_targets=False)
+    rgb = DETECTION_INPUTS[0]["image"].permute(1, 2, 0).numpy()  # the PyTorch runs' image
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1]).astype(np.uint8)
+    base_rss = rss_mb()
+    predictor = OnnxPredictor(config_file, os.path.join(out, "model.onnx"), opts)
+    for _ in range(args.warmup):
+        predictor(bgr)
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        predictor(bgr)
+        times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    return {
+        "model": ONNX_PREFIX + config_file,
+        "median_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "images_per_s": 1 / med,
+        "peak_mem_MB": peak_rss_mb(),
+        "peak_growth_MB": max(peak_rss_mb() - base_rss, 0.0),  # the session and its runs
+        "export_s": report["export_s"],
+        "session_s": report["session_s"],
+        "check": report["check"],
+        "device": f"cpu x{os.cpu_count()}",
+    }
+
+
 def worker(args) -> dict:
+    if args.model.startswith(ONNX_PREFIX):
+        return onnx_worker(args, args.model[len(ONNX_PREFIX) :])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     make_inputs(args.size, args.batch, device, with_targets=args.task == "train")
@@ -212,6 +278,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--flops", action="store_true", help="also count FLOPs (slow for L)")
     parser.add_argument("--peak", action="store_true", help="also measure matmul GFLOP/s")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the first model to ONNX and time it with ONNX Runtime (inference)",
+    )
     parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
     args = parser.parse_args()
@@ -221,7 +292,10 @@ def main() -> None:
         return
 
     results = []
-    for spec in [args.config_file, *args.vs]:
+    specs = [args.config_file, *args.vs]
+    if args.onnx:
+        specs.insert(1, ONNX_PREFIX + args.config_file)
+    for spec in specs:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -246,13 +320,20 @@ def main() -> None:
     for r in results:
         flops = f"{r['flops_G']:.0f}" if "flops_G" in r else "-"
         growth = f"{r['peak_growth_MB']:.0f}" if "peak_growth_MB" in r else "-"
+        params = f"{r['params_M']:.1f}M" if "params_M" in r else "-"
         print(
-            f"{r['model'][-42:]:<42}{r['params_M']:>8.1f}M{flops:>9}{r['median_s']:>10.3f}"
+            f"{r['model'][-42:]:<42}{params:>9}{flops:>9}{r['median_s']:>10.3f}"
             f"{r['min_s']:>8.3f}{r['max_s']:>8.3f}{r['images_per_s']:>8.2f}"
             f"{r['peak_mem_MB']:>9.0f}{growth:>10}"
             f"{r['median_s'] / first['median_s']:>11.2f}"
             f"{r[mem_key] / first[mem_key]:>10.2f}"
         )
+    for r in results:
+        if "export_s" in r:
+            print(
+                f"{r['model']}: export {r['export_s']:.1f} s (tools/export_model.py, random "
+                f"weights), session {r['session_s']:.1f} s; check vs PyTorch: {r['check']}"
+            )
     if args.peak:
         fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
         print(f"matmul peak here: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s (2048^3)")
