@@ -3,7 +3,7 @@
 
     python tools/benchmark.py --config-file configs/mask_rcnn_hiera_b.py --vs vitdet_b \\
         [--task inference|train|backbone] [--dtype fp32|bf16|fp16] [--size 1024] [--batch 1] \\
-        [--iters 5] [--warmup 1] [--flops] [--peak] [--opts key=value ...]
+        [--iters 5] [--warmup 1] [--flops] [--peak] [--onnx] [--opts key=value ...]
 
 Each model is measured in its own subprocess, one after the other in this run, so that peak memory
 is its own; ratios are printed against the first model. A model is a LazyConfig file or a built-in
@@ -18,6 +18,9 @@ Measured: latency after `--warmup` iterations (median/min/max of `--iters`), thr
 (images/s), peak memory (CUDA: max allocated; CPU: peak resident set size of the process and its
 growth over the built model), FLOPs with `--flops` (fvcore, one multiply-add = one FLOP, attention
 counted; `hiera_det.utils.flops`) and, with `--peak`, this machine's matmul throughput for context.
+With `--onnx` (inference), the first model is also exported by tools/export_model.py (random
+weights) and `hiera_det.export.OnnxPredictor` (ONNX Runtime, CPU) is timed on the same image in
+its own subprocess, as the row `onnx:<config>`, followed by the export time and the export's check.
 For inference the box score threshold is 0, so every model runs its mask head on the full 100
 detections, as a trained model does on a typical COCO image.
 """
