@@ -113,7 +113,7 @@ def _flatten(data, prefix: str = "model") -> dict[str, object]:
     return {prefix: data}
 
 
-def describe_config_difference(exported: dict, given: dict, limit: int = 8) -> list[str]:
+def _config_differences(exported: dict, given: dict, limit: int = 8) -> list[str]:
     """``key: exported -> given`` for every leaf that differs (at most `limit`, then a count)."""
     a, b = _flatten(exported), _flatten(given)
     missing = object()
@@ -169,7 +169,7 @@ def tracing_adapter(model: nn.Module, image: torch.Tensor):
     return TracingAdapter(model.eval(), [{"image": image}], inference).eval()
 
 
-def square_size(model: nn.Module) -> int:
+def _square_size(model: nn.Module) -> int:
     """The side of the square every image is padded to inside the model (the config's
     ``model.backbone.square_pad``). Raises if there is none: the graph needs a fixed square."""
     size = getattr(model.backbone, "padding_constraints", {}).get("square_size", 0)
@@ -186,8 +186,8 @@ def export_onnx(model: nn.Module, cfg, image: torch.Tensor, path: str, **metadat
     ONNX graph to `path`, with ``cfg.model`` and `metadata` in the file's metadata."""
     import onnx
 
+    side = _square_size(model)
     adapter = tracing_adapter(model, image)
-    side = square_size(model)
     torch.onnx.export(
         adapter,
         (image,),
@@ -261,7 +261,7 @@ class OnnxPredictor:
         exported = json.loads(self.metadata["model_config"])
         given = canonical_model_config(cfg)
         if exported != given:
-            differences = "\n  ".join(describe_config_difference(exported, given))
+            differences = "\n  ".join(_config_differences(exported, given))
             raise OnnxModelError(
                 f"{onnx_path} was exported from another model config than {config_file} "
                 f"(exported from {self.metadata.get('config_file', '?')}); differences:\n  "

@@ -4,7 +4,8 @@
     python tools/export_model.py --config-file configs/mask_rcnn_hiera_b.py --output out/onnx \\
         [--format onnx] [--sample-image photo.jpg] train.init_checkpoint=output/model_final.pth
 
-Overrides (``key=value``, checked by `hiera_det.config_check.load_config`) come last; the weights
+Overrides (``key=value``, checked by `hiera_det.config_check.load_config`) come last, after every
+flag; the weights
 are ``train.init_checkpoint`` (a detector checkpoint written by train_net.py; empty = random
 weights, for timing only), loaded by `HieraCheckpointer`. Works with the config.yaml that
 train_net.py saves next to its checkpoints.
@@ -215,7 +216,14 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    report = main()
+    from hiera_det.config_check import ConfigOverrideError
+    from hiera_det.export import OnnxModelError
+
+    try:
+        report = main()
+    except (ConfigOverrideError, FileNotFoundError, OnnxModelError) as e:
+        print(f"export_model.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if not report["check"]["agree"]:
         print(
             "export_model.py: error: ONNX Runtime and PyTorch disagree (see above)", file=sys.stderr
