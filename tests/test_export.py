@@ -159,18 +159,11 @@ def cascade_overrides() -> list[str]:
     return opts
 
 
-@pytest.mark.parametrize(
-    "config, opts",
-    [
-        ("projects/ViTDet-Hiera/configs/COCO/cascade_mask_rcnn_hiera_b.py", cascade_overrides()),
-        ("configs/quickstart.py", []),  # already tiny
-    ],
-    ids=["cascade", "quickstart"],
-)
-def test_cascade_and_quickstart_configs_export(config, opts, tmp_path, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))  # quickstart registers
+def test_cascade_config_exports(tmp_path):
+    # Mask R-CNN configs (quickstart among them) share the trained model's code path above.
+    config = ROOT / "projects/ViTDet-Hiera/configs/COCO/cascade_mask_rcnn_hiera_b.py"
     tool = load_script("tools/export_model.py", "export_model")
-    argv = ["--config-file", str(ROOT / config), "--output", str(tmp_path), *opts]
+    argv = ["--config-file", str(config), "--output", str(tmp_path), *cascade_overrides()]
     check = tool.main([*argv, "train.init_checkpoint="])["check"]  # random weights
     assert check["agree"] and check["detections_onnx"] > 0, check
 
