@@ -10,7 +10,8 @@ config's, run by Detectron2's `DefaultPredictor` (`hiera_det.predictor_cfg`), wi
 named by ``train.init_checkpoint`` (or `--weights`). With ``--onnx DIR/model.onnx`` it is that
 file (written by tools/export_model.py) run by ONNX Runtime (`hiera_det.export.OnnxPredictor`);
 the config is then the one it was exported from (e.g. ``DIR/config.yaml``). Class names come from
-the config's test dataset. An unreadable image is reported by path and skipped; the run then exits with status 1.
+the config's test dataset. An unreadable image is reported by path and skipped; the run then
+exits with status 1.
 """
 
 from __future__ import annotations
