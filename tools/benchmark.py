@@ -170,27 +170,27 @@ def onnx_worker(args, config_file: str) -> dict:
         raise SystemExit("--onnx measures --task inference at --batch 1")
     opts = [*args.opts, *zero_score_thresh_overrides(load_config(config_file, args.opts))]
     opts.append("train.init_checkpoint=")
-    out = tempfile.mkdtemp(prefix="benchmark_onnx_")
-    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_model.py")
-    cmd = [sys.executable, tool, "--config-file", config_file, "--output", out, *opts]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"export of {config_file} failed (exit {proc.returncode})")
-    with open(os.path.join(out, "export.json")) as f:
-        report = json.load(f)
-    make_inputs(args.size, args.batch, "cpu", with_targets=False)
-    rgb = DETECTION_INPUTS[0]["image"].permute(1, 2, 0).numpy()  # the PyTorch runs' image
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1]).astype(np.uint8)
-    base_rss = rss_mb()
-    predictor = OnnxPredictor(config_file, os.path.join(out, "model.onnx"), opts)
-    for _ in range(args.warmup):
-        predictor(bgr)
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        predictor(bgr)
-        times.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="benchmark_onnx_") as out:  # ~300 MB for B
+        tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_model.py")
+        cmd = [sys.executable, tool, "--config-file", config_file, "--output", out, *opts]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"export of {config_file} failed (exit {proc.returncode})")
+        with open(os.path.join(out, "export.json")) as f:
+            report = json.load(f)
+        make_inputs(args.size, args.batch, "cpu", with_targets=False)
+        rgb = DETECTION_INPUTS[0]["image"].permute(1, 2, 0).numpy()  # the PyTorch runs' image
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1]).astype(np.uint8)
+        base_rss = rss_mb()
+        predictor = OnnxPredictor(config_file, os.path.join(out, "model.onnx"), opts)
+        for _ in range(args.warmup):
+            predictor(bgr)
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            predictor(bgr)
+            times.append(time.perf_counter() - start)
     med = statistics.median(times)
     return {
         "model": ONNX_PREFIX + config_file,
