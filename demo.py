@@ -7,9 +7,11 @@
 `--input` takes image files and folders (searched recursively); each drawing is written under
 `--output` with the input's name (keeping sub-folders of an input folder). The model is the
 config's, run by `hiera_det.predictor.RobustPredictor` (Detectron2's `DefaultPredictor` for any
-image mode: gray, palette, RGBA, 16-bit), with the weights
-named by ``train.init_checkpoint`` (or `--weights`). Class names come from the config's test
-dataset. An unreadable image is reported by path and skipped; the run then exits with status 1.
+image mode: gray, palette, RGBA, 16-bit), with the weights named by ``train.init_checkpoint`` (or
+`--weights`). With ``--onnx DIR/model.onnx`` it is that file (written by tools/export_model.py)
+run by ONNX Runtime (`hiera_det.export.OnnxPredictor`); the config is then the one it was exported
+from (e.g. ``DIR/config.yaml``). Class names come from the config's test dataset. An unreadable
+image is reported by path and skipped; the run then exits with status 1.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.utils.logger import setup_logger
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from hiera_det.config_check import ConfigOverrideError, load_config
 from hiera_det.data.images import BadImageError, read_image_any
 from hiera_det.engine.visualize import draw_predictions
-from hiera_det.predictor import RobustPredictor, predictor_cfg
+from hiera_det.export import OnnxModelError, OnnxPredictor
+from hiera_det.predictor import RobustPredictor, predictor_cfg, read_test_datasets
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -51,6 +55,9 @@ def get_parser() -> argparse.ArgumentParser:
         "--confidence-threshold", type=float, default=0.5, help="draw detections scoring >= this"
     )
     parser.add_argument("--weights", help="detector checkpoint (default: train.init_checkpoint)")
+    parser.add_argument(
+        "--onnx", help="run this model.onnx (tools/export_model.py) with ONNX Runtime instead"
+    )
     parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides key=value ..."
     )
@@ -96,7 +103,25 @@ def score_thresh_overrides(lazy, threshold: float) -> list[str]:
     return [f"model.roi_heads.{key}.test_score_thresh={threshold}" for key in keys]
 
 
-def build_predictor(args) -> tuple[RobustPredictor, Metadata]:
+def build_onnx_predictor(args) -> tuple[OnnxPredictor, Metadata]:
+    if args.weights:
+        raise DemoError("--weights does not apply to --onnx: the ONNX file holds the weights")
+    predictor = OnnxPredictor(args.config_file, args.onnx, args.opts)
+    lazy = load_config(args.config_file, args.opts)
+    keys = [override.split("=")[0] for override in score_thresh_overrides(lazy, 0.0)]
+    thresholds = [t for t in (OmegaConf.select(lazy, key) for key in keys) if t is not None]
+    if thresholds and args.confidence_threshold < min(thresholds):
+        logger.warning(
+            f"the ONNX graph keeps detections scoring >= {min(thresholds)} ({keys[0]} at "
+            f"export); --confidence-threshold {args.confidence_threshold} cannot show lower ones"
+        )
+    names = read_test_datasets(lazy)
+    return predictor, MetadataCatalog.get(names[0]) if names else Metadata()
+
+
+def build_predictor(args) -> tuple[RobustPredictor | OnnxPredictor, Metadata]:
+    if args.onnx:
+        return build_onnx_predictor(args)
     opts = list(args.opts)
     lazy = load_config(args.config_file, opts)  # fails on unknown keys and wrong types
     weights = args.weights or lazy.train.get("init_checkpoint", "")
@@ -153,6 +178,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, FileNotFoundError, ConfigOverrideError) as e:
+    except (DemoError, FileNotFoundError, ConfigOverrideError, OnnxModelError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)

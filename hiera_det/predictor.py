@@ -37,7 +37,13 @@ from torch import nn
 from .config_check import load_config
 from .data.images import as_uint8_image, read_image_any
 
-__all__ = ["LazyConfigModel", "RobustPredictor", "predictor_cfg"]
+__all__ = [
+    "LazyConfigModel",
+    "RobustPredictor",
+    "predictor_cfg",
+    "read_test_datasets",
+    "read_test_resize",
+]
 
 
 @META_ARCH_REGISTRY.register()
@@ -46,8 +52,9 @@ def LazyConfigModel(cfg: CfgNode) -> nn.Module:  # noqa: N802 -- the registry ke
     return instantiate(load_config(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
 
 
-def _test_resize(lazy, config_file: str) -> tuple[int, int]:
-    """(shortest edge, longest edge cap) of the test loader's `ResizeShortestEdge`."""
+def read_test_resize(lazy, config_file: str) -> tuple[int, int]:
+    """(shortest edge, longest edge cap; 0 = none) of the test loader's `ResizeShortestEdge` in
+    the loaded LazyConfig `lazy` (`config_file` names it in errors); ValueError if it has none."""
     try:
         augs = lazy.dataloader.test.mapper.augmentations
     except (AttributeError, KeyError):
@@ -66,6 +73,12 @@ def _test_resize(lazy, config_file: str) -> tuple[int, int]:
         f"{config_file}: dataloader.test.mapper.augmentations has no ResizeShortestEdge "
         f"({[a.get('_target_') for a in augs]}); DefaultPredictor can only resize that way"
     )
+
+
+def read_test_datasets(lazy) -> tuple[str, ...]:
+    """The names of the test loader's datasets (for their metadata, e.g. class names)."""
+    names = lazy.dataloader.test.dataset.get("names", ())
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> CfgNode:
@@ -88,7 +101,7 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
     lazy = load_config(config_file, opts)  # fails on unknown keys and wrong types
-    short, longest = _test_resize(lazy, config_file)
+    short, longest = read_test_resize(lazy, config_file)
 
     cfg = get_cfg()
     cfg.LAZY_CONFIG = CfgNode({"FILE": os.path.abspath(config_file), "OPTS": list(opts)})
@@ -99,8 +112,7 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
     cfg.INPUT.MIN_SIZE_TEST = short
     # The test resize caps the longest edge so that every image fits the model's square pad.
     cfg.INPUT.MAX_SIZE_TEST = longest or 1_000_000
-    names = lazy.dataloader.test.dataset.get("names", ())
-    cfg.DATASETS.TEST = (names,) if isinstance(names, str) else tuple(names)
+    cfg.DATASETS.TEST = read_test_datasets(lazy)
     cfg.freeze()
     return cfg
 

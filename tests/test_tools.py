@@ -55,6 +55,21 @@ def test_benchmark_compares_two_models_side_by_side(task):
     assert rows[1][1] == first[1]
 
 
+def test_benchmark_times_the_onnx_export_beside_pytorch():
+    config = "configs/mask_rcnn_hiera_t.py"
+    run = run_tool(
+        "tools/benchmark.py", "--config-file", config, "--onnx", "--size=128", "--iters=1",
+        "--warmup=0", "--opts", *shrink_overrides(128),
+    )  # fmt: skip
+    rows = [
+        line.split() for line in run.stdout.splitlines() if line.startswith(("configs/", "onnx:"))
+    ]
+    assert [r[0] for r in rows[:2]] == [config, f"onnx:{config}"]
+    assert float(rows[1][3]) > 0  # median latency of ONNX Runtime
+    export_line = [line for line in run.stdout.splitlines() if "export" in line and "s (" in line]
+    assert export_line and "'agree': True" in export_line[0], run.stdout
+
+
 def test_benchmark_names_resolve_and_unknown_ones_are_listed():
     bench = load_benchmark()
     from detectron2.modeling import MViT, SwinTransformer

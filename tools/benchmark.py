@@ -3,7 +3,7 @@
 
     python tools/benchmark.py --config-file configs/mask_rcnn_hiera_b.py --vs vitdet_b \\
         [--task inference|train|backbone] [--dtype fp32|bf16|fp16 ...] [--size 1024] [--batch 1] \\
-        [--iters 5] [--warmup 1] [--device cuda|cpu] [--flops] [--peak] [--json FILE] \\
+        [--iters 5] [--warmup 1] [--device cuda|cpu] [--flops] [--peak] [--onnx] [--json FILE] \\
         [--opts key=value ...]
 
 Each model is measured in its own subprocess, one after the other in this run, so that peak memory
@@ -20,6 +20,9 @@ iteration ends with `torch.cuda.synchronize()`, so the host clock spans the GPU 
 (images/s), peak memory (CUDA: max allocated; CPU: peak resident set size of the process and its
 growth over the built model), FLOPs with `--flops` (fvcore, one multiply-add = one FLOP, attention
 counted; `hiera_det.utils.flops`) and, with `--peak`, this machine's matmul throughput for context.
+With `--onnx` (inference), the first model is also exported by tools/export_model.py (random
+weights) and `hiera_det.export.OnnxPredictor` (ONNX Runtime, CPU) is timed on the same image in
+its own subprocess, as the row `onnx:<config>`, followed by the export time and the export's check.
 For inference the box score threshold is 0, so every model runs its mask head on the full 100
 detections, as a trained model does on a typical COCO image. Several `--dtype` values are measured
 one after the other on the same built model (one table each); `--json` writes every result.
@@ -146,8 +149,75 @@ def train_step(model) -> None:
         p.grad = None
 
 
+ONNX_PREFIX = "onnx:"
+
+
+def zero_score_thresh_overrides(cfg) -> list[str]:
+    """Config overrides with the same effect as `zero_score_thresh` on the built model (Mask R-CNN
+    or Cascade), for a model that is exported rather than built here."""
+    heads = cfg.model.roi_heads
+    if "box_predictors" in heads:
+        names = [f"box_predictors.{k}" for k in range(len(heads.box_predictors))]
+    else:
+        names = ["box_predictor"]
+    return [f"model.roi_heads.{name}.test_score_thresh=0.0" for name in names]
+
+
+def onnx_worker(args, config_file: str) -> dict:
+    """Export `config_file` (random weights) with tools/export_model.py in a subprocess, then time
+    `OnnxPredictor` (ONNX Runtime, CPU) on the benchmark image; no PyTorch model in this process."""
+    import tempfile
+
+    import numpy as np
+
+    from hiera_det.export import OnnxPredictor
+
+    if args.task != "inference" or args.batch != 1:
+        raise SystemExit("--onnx measures --task inference at --batch 1")
+    opts = [*args.opts, *zero_score_thresh_overrides(load_model_config(config_file, args.opts))]
+    opts.append("train.init_checkpoint=")
+    with tempfile.TemporaryDirectory(prefix="benchmark_onnx_") as out:  # ~300 MB for B
+        tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_model.py")
+        cmd = [sys.executable, tool, "--config-file", config_file, "--output", out, *opts]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"export of {config_file} failed (exit {proc.returncode})")
+        with open(os.path.join(out, "export.json")) as f:
+            report = json.load(f)
+        make_inputs(args.size, args.batch, "cpu", with_targets=False)
+        rgb = DETECTION_INPUTS[0]["image"].permute(1, 2, 0).numpy()  # the PyTorch runs' image
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1]).astype(np.uint8)
+        base_rss = rss_mb()
+        predictor = OnnxPredictor(config_file, os.path.join(out, "model.onnx"), opts)
+        for _ in range(args.warmup):
+            predictor(bgr)
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            predictor(bgr)
+            times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    return {
+        "model": ONNX_PREFIX + config_file,
+        "median_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "images_per_s": 1 / med,
+        "peak_mem_MB": peak_rss_mb(),
+        "peak_growth_MB": max(peak_rss_mb() - base_rss, 0.0),  # the session and its runs
+        "export_s": report["export_s"],
+        "session_s": report["session_s"],
+        "check": report["check"],
+        "device": f"cpu x{os.cpu_count()}",
+        "dtype": "fp32",  # ONNX Runtime runs the exported fp32 graph
+    }
+
+
 def worker(args) -> list[dict]:
     """Build `args.model` once and measure it in every dtype of `args.dtype`."""
+    if args.model.startswith(ONNX_PREFIX):
+        return [onnx_worker(args, args.model[len(ONNX_PREFIX) :])]
     device = args.device
     make_inputs(args.size, args.batch, device, with_targets=args.task == "train")
     model, run = build(args.model, args.task, args.opts)
@@ -243,6 +313,11 @@ def main() -> None:
         "--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available"
     )
     parser.add_argument("--json", help="also write every result to this file (a JSON list)")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the first model to ONNX and time it with ONNX Runtime (inference)",
+    )
     parser.add_argument("--opts", nargs="*", default=[], help="overrides for config files")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # set in worker subprocesses
     args = parser.parse_args()
@@ -258,8 +333,10 @@ def main() -> None:
     from hiera_det.config_check import ConfigOverrideError
 
     specs = [args.config_file, *args.vs]
+    if args.onnx:
+        specs.insert(1, ONNX_PREFIX + args.config_file)
     for spec in specs:  # a typo in --opts fails here, before any model is measured
-        if not spec.startswith("official_hiera_"):
+        if not spec.startswith(("official_hiera_", ONNX_PREFIX)):
             try:
                 load_model_config(spec, args.opts)
             except ConfigOverrideError as e:
@@ -304,13 +381,20 @@ def print_table(args, results: list[dict], dtype: str, peaks: dict | None) -> No
     for r in results:
         flops = f"{r['flops_G']:.0f}" if "flops_G" in r else "-"
         growth = f"{r['peak_growth_MB']:.0f}" if "peak_growth_MB" in r else "-"
+        params = f"{r['params_M']:.1f}M" if "params_M" in r else "-"
         print(
-            f"{r['model'][-42:]:<42}{r['params_M']:>8.1f}M{flops:>9}{r['median_s']:>10.3f}"
+            f"{r['model'][-42:]:<42}{params:>9}{flops:>9}{r['median_s']:>10.3f}"
             f"{r['min_s']:>8.3f}{r['max_s']:>8.3f}{r['images_per_s']:>8.2f}"
             f"{r['peak_mem_MB']:>9.0f}{growth:>10}"
             f"{r['median_s'] / first['median_s']:>11.2f}"
             f"{r[mem_key] / first[mem_key]:>10.2f}"
         )
+    for r in results:
+        if "export_s" in r:
+            print(
+                f"{r['model']}: export {r['export_s']:.1f} s (tools/export_model.py, random "
+                f"weights), session {r['session_s']:.1f} s; check vs PyTorch: {r['check']}"
+            )
     if peaks:
         print(
             f"matmul peak here ({args.device}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
