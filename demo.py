@@ -16,6 +16,12 @@ image is reported by path and skipped; the run then exits with status 1.
 
 from __future__ import annotations
 
+# First: Detectron2's/fvcore's import-time torch.jit.script FutureWarning, silenced for those
+# imports only.
+import hiera_det.utils.third_party  # noqa: F401
+
+# isort: split
+
 import argparse
 import logging
 import os

@@ -24,6 +24,12 @@ COCO-format data of one's own: ``dataset.train=[name,json,image_dir]`` and
 
 from __future__ import annotations
 
+# First: Detectron2's/fvcore's import-time torch.jit.script FutureWarning, silenced for those
+# imports only.
+import hiera_det.utils.third_party  # noqa: F401
+
+# isort: split
+
 import logging
 
 import torch

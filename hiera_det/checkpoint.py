@@ -5,15 +5,23 @@ output, our detector) to a backbone state dict, and `convert_mae_checkpoint` one
 MAE file's content to our `MaskedAutoencoderHiera`'s names; `load_hiera_checkpoint` loads a
 backbone into a `Hiera` and reports what happened; `HieraCheckpointer` is Detectron2's
 `DetectionCheckpointer` that also understands those files, so `train.init_checkpoint` can name any
-of them and every MAE model (training, resuming, pictures) loads its weights through it. Every
-``torch.load`` of a checkpoint in `hiera_det` goes through `_read_checkpoint`.
+of them and every MAE model (training, resuming, pictures) loads its weights through it.
+
+Checkpoints are data, not code: every ``torch.load`` of a checkpoint in `hiera_det` goes through
+`_read_checkpoint` (``weights_only=True``) and every plain-pickle file (model-zoo ``.pkl``) through
+`_read_pickle_checkpoint` (numpy arrays, dicts, lists, numbers, strings only). A file that needs
+more raises `UnsafeCheckpointError` naming the file and what it needed; only a file listed in
+``$HIERA_DET_TRUST_CHECKPOINTS`` (`TRUST_ENV`) is loaded with full pickle.
 """
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
 import logging
 import os
+import pickle
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +37,8 @@ __all__ = [
     "CheckpointMismatchError",
     "HieraCheckpointer",
     "LoadReport",
+    "TRUST_ENV",
+    "UnsafeCheckpointError",
     "convert_hiera_checkpoint",
     "convert_mae_checkpoint",
     "load_hiera_checkpoint",
@@ -200,16 +210,110 @@ def adapt_hiera_state_dict(
     return out
 
 
-def _read_checkpoint(path: str, weights_only: bool | None = None) -> Mapping:
-    """Read a checkpoint file (path or URL) onto the CPU: the one ``torch.load`` of `hiera_det`.
+TRUST_ENV = "HIERA_DET_TRUST_CHECKPOINTS"
 
-    `weights_only` None is torch's default (what fvcore's reader used for `HieraCheckpointer`).
-    """
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds more than data: its pickle names a Python object (class, function)
+    that loading would import and call, so it was not loaded (see `TRUST_ENV` to allow a file)."""
+
+
+def _trusted(path: str, local: str) -> bool:
+    """Whether the user named this file in ``$HIERA_DET_TRUST_CHECKPOINTS`` (os.pathsep list)."""
+    entries = [e for e in os.environ.get(TRUST_ENV, "").split(os.pathsep) if e]
+    real = os.path.realpath(local)
+    return any(e == path or os.path.realpath(e) == real for e in entries)
+
+
+def _unsafe_checkpoint(path: str, local: str, what: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"The checkpoint {path} is not only data (tensors, arrays, dicts, lists, numbers, "
+        f"strings): loading it needs {what}, and loading must not run code from a file, so it "
+        f"was not loaded. If you trust this file, allow it with "
+        f"{TRUST_ENV}={os.path.realpath(local)} (several files: separated by '{os.pathsep}'); "
+        "see docs/reliability.md."
+    )
+
+
+def _torch_refusal(err: Exception) -> str:
+    """What the file needed, from torch's weights-only error (e.g. "the global os.system")."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"the global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    return (found.group(1) if found else text.strip().splitlines()[0]).strip()
+
+
+def _local_checkpoint(path: str) -> str:
     local = PathManager.get_local_path(path)
     if not os.path.isfile(local):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return local
+
+
+def _read_checkpoint(path: str) -> Mapping:
+    """Read a ``torch.save`` checkpoint (path or URL) onto the CPU: the one ``torch.load`` of
+    `hiera_det`, always ``weights_only=True`` unless the user trusts the file (`TRUST_ENV`).
+
+    Raises:
+        UnsafeCheckpointError: the file needs more than tensors and plain Python data.
+    """
+    local = _local_checkpoint(path)
+    trusted = _trusted(path, local)
+    if trusted:
+        logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
     with open(local, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=weights_only)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=not trusted)
+        except pickle.UnpicklingError as err:
+            if trusted:
+                raise
+            raise _unsafe_checkpoint(path, local, _torch_refusal(err)) from err
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickle of numpy arrays and scalars names, under numpy 1 and 2 module names."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray}
+    allowed[("numpy", "dtype")] = np.dtype
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    return allowed
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dicts, lists, tuples, numbers, strings and bytes; nothing else."""
+
+    def __init__(self, file, source: str, local: str) -> None:
+        super().__init__(file, encoding="latin1")  # Detectron2/Caffe2 zoo files are Python 2
+        self._source, self._local = source, local
+        self._allowed = _numpy_globals()
+        self._allowed[("collections", "OrderedDict")] = collections.OrderedDict
+        # Python 3 pickles of bytes at protocol 2 rebuild them with _codecs.encode(str, "latin1").
+        self._allowed[("_codecs", "encode")] = codecs.encode
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        raise _unsafe_checkpoint(self._source, self._local, f"the global {module}.{name}")
+
+
+def _read_pickle_checkpoint(path: str) -> Mapping:
+    """Read a plain-pickle checkpoint (Detectron2/Caffe2 model zoo ``.pkl``) with `_DataUnpickler`,
+    or with full pickle when the user trusts the file (`TRUST_ENV`)."""
+    local = _local_checkpoint(path)
+    with open(local, "rb") as f:
+        if _trusted(path, local):
+            logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
+            return pickle.load(f, encoding="latin1")
+        return _DataUnpickler(f, path, local).load()
 
 
 def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport:
@@ -221,13 +325,21 @@ def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport
     """
     report = LoadReport(source=checkpoint if isinstance(checkpoint, str) else "<state dict>")
     if isinstance(checkpoint, str):
-        content = _read_checkpoint(checkpoint, weights_only=False)
+        content = _read_checkpoint(checkpoint)
     else:
         content = checkpoint
     state, report.dropped = split_hiera_checkpoint(content)
     model.load_state_dict(adapt_hiera_state_dict(model, state, report), strict=False)
     logger.info(str(report))
     return report
+
+
+def _pycls_content(filename: str, data: Mapping) -> dict:
+    """A pycls ``.pyth`` file's content as Detectron2 reads it (`DetectionCheckpointer`)."""
+    if "model_state" not in data:
+        raise KeyError(f"Cannot load .pyth file {filename}: pycls checkpoints hold 'model_state'")
+    state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+    return {"model": state, "__author__": "pycls", "matching_heuristics": True}
 
 
 @contextlib.contextmanager
@@ -323,7 +435,29 @@ class HieraCheckpointer(DetectionCheckpointer):
         )
 
     def _load_file(self, filename: str) -> dict:
-        loaded = super()._load_file(filename)
+        # DetectionCheckpointer reads .pkl with plain pickle and .pyth with torch's default
+        # weights_only: those two formats are read here with the safe readers instead.
+        if filename.endswith(".pkl"):
+            loaded = self._model_zoo_content(_read_pickle_checkpoint(filename))
+        elif filename.endswith(".pyth"):
+            loaded = _pycls_content(filename, _read_checkpoint(filename))
+        else:  # torch files: through _torch_load; Detectron2 handles the URL query
+            loaded = super()._load_file(filename)
+        return self._fit_hiera(filename, loaded)
+
+    def _model_zoo_content(self, data: Mapping) -> dict:
+        """Detectron2's reading of a model-zoo ``.pkl``'s content, as in
+        `DetectionCheckpointer._load_file`: a Detectron2 file as is, else a Caffe2/Detectron1 one
+        (``blobs`` if any, without ``*_momentum``) matched by name heuristics."""
+        if "model" in data and "__author__" in data:
+            self.logger.info(f"Reading a file from '{data['__author__']}'")
+            return dict(data)
+        data = data.get("blobs", data)
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _fit_hiera(self, filename: str, loaded: dict) -> dict:
+        """A Hiera-only file's weights placed under the model's `Hiera`; other files unchanged."""
         found = _find_hiera(self.model)
         if found is None or loaded.get("matching_heuristics"):
             return loaded

@@ -18,8 +18,10 @@ gray, RGBA, 16-bit or float arrays into the 8-bit BGR image `DefaultPredictor` t
 
 The config may be a config file (``configs/mask_rcnn_hiera_b.py`` + `opts`) or the
 ``config.yaml`` that train_net.py saves next to its checkpoints (it includes the command-line
-overrides, e.g. the number of classes of a custom dataset). `DefaultPredictor` loads the weights
-with Detectron2's `DetectionCheckpointer`: give it a detector checkpoint written by train_net.py.
+overrides, e.g. the number of classes of a custom dataset). Give it a detector checkpoint written
+by train_net.py. Importing this module makes `DefaultPredictor` load its weights with
+`HieraCheckpointer` (it names ``DetectionCheckpointer`` in `detectron2.engine.defaults` and has no
+other hook), so they are read as data only (`hiera_det.checkpoint.UnsafeCheckpointError`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import detectron2.engine.defaults
 import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg, instantiate
@@ -34,6 +37,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from .checkpoint import HieraCheckpointer
 from .config_check import load_config
 from .data.images import as_uint8_image, read_image_any
 
@@ -44,6 +48,10 @@ __all__ = [
     "read_test_datasets",
     "read_test_resize",
 ]
+
+# DefaultPredictor.__init__ builds `DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`, which
+# reads a .pkl with plain pickle: give it our subclass, whose readers never run a file's code.
+detectron2.engine.defaults.DetectionCheckpointer = HieraCheckpointer
 
 
 @META_ARCH_REGISTRY.register()

@@ -178,14 +178,14 @@ def test_train_net_pretrains_then_the_detector_backbone_loads_every_weight(
     detector_backbone = build_hiera("tiny", embed_dim=16, stages=(1, 1, 2, 1), pretrain_img_size=64)
     report = load_hiera_checkpoint(detector_backbone, str(out / "model_final.pth"))
     assert report.missing == [] and report.unexpected == []
-    saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     for key, value in detector_backbone.state_dict().items():
         assert torch.equal(value, saved[f"encoder.{key}"]), key
 
     # Resume: iterations 4 and 5 only, starting from the saved weights and iteration.
     run_train_net("configs/mae/mae_hiera_t.py", opts + ["train.max_iter=6"], resume=True)
     assert [r["iteration"] for r in metrics(out)] == [0, 1, 2, 3, 4, 5]
-    resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert resumed["iteration"] == 5
     assert not torch.equal(resumed["model"]["mask_token"], saved["mask_token"])  # it trained on
 

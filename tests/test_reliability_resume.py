@@ -308,7 +308,7 @@ def test_nonfinite_loss_stops_before_the_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=5"):
         _train(tmp_path, _Toy(nan_loss_at=5), max_iter=10)
     assert _last_checkpoint(tmp_path) == "model_0000003.pth"
-    saved = torch.load(tmp_path / "model_0000003.pth", weights_only=False)
+    saved = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
     assert saved["iteration"] == 3 and all(v.isfinite().all() for v in saved["model"].values())
     assert not (tmp_path / "model_0000005.pth").exists()
 

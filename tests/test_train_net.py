@@ -56,7 +56,7 @@ def test_train_resume_evaluate(tiny_coco, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert iterations(out) == [0, 1]
-    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 1
+    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 1
     assert (out / "config.yaml").is_file()
     log = (out / "log.txt").read_text()
     assert "training in fp32 on the CPU" in log  # AMP (on in the config) needs CUDA
@@ -75,7 +75,7 @@ def test_train_resume_evaluate(tiny_coco, tmp_path):
     )
     train_net.main(args)
     assert iterations(out) == [0, 1, 2]  # continued from iteration 2, not restarted
-    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
+    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 2
     written = [json.loads(line) for line in extra_json.read_text().splitlines()]
     assert [m["iteration"] for m in written if "total_loss" in m] == [2]  # the resumed step
 

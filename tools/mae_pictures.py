@@ -12,6 +12,12 @@ arguments override the config (checked: an unknown key or a wrong type is an err
 
 from __future__ import annotations
 
+# First: Detectron2's/fvcore's import-time torch.jit.script FutureWarning, silenced for those
+# imports only.
+import hiera_det.utils.third_party  # noqa: F401
+
+# isort: split
+
 import argparse
 import logging
 from collections.abc import Sequence
