@@ -14,7 +14,7 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from hiera_det.data.mapper import RobustDatasetMapper
+from hiera_det.data.mapper import EvaluationDatasetMapper, RobustDatasetMapper
 from hiera_det.data.sampling import build_resumable_train_loader
 
 image_size = 1024
@@ -35,6 +35,8 @@ dataloader.train.mapper.augmentations = [
 dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.recompute_boxes = True  # boxes cut by the crop are re-fit to their masks
 dataloader.train.total_batch_size = 64
+# Detectron2's test mapper, whose error on an unreadable image names the file.
+dataloader.test.mapper._target_ = EvaluationDatasetMapper
 dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size),
 ]
