@@ -1,5 +1,6 @@
-"""A hook for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
-over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values."""
+"""Hooks for the end-to-end reliability tests. `RawLossWriter`: Detectron2's metrics.json holds
+losses smoothed over 20 iterations (a resumed run restarts that window), so tests compare raw
+per-step values. `TruncateFile`: breaks an image after the check before the run."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ class RawLossWriter(HookBase):
                 row[key] = value
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class TruncateFile(HookBase):
+    """Cut `path` to a third of its bytes before the first step: a test image that read at the
+    check before the run and no longer reads when it is evaluated."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def before_train(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:
+            f.write(data[: len(data) // 3])
