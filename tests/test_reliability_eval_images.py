@@ -171,7 +171,8 @@ def test_broken_test_split_stops_before_training(tiny_coco, broken_test_split, t
     assert broken_test_split.json_file in message and "skip_unreadable_test_images=True" in message
     assert not (out / "metrics.json").exists() and "Starting training" not in run.stderr
     # The report of the test split's json speaks of evaluation.
-    report = [line for line in run.stderr.splitlines() if broken_test_split.json_file in line][0]
+    head = f"{broken_test_split.json_file}: 4 images"
+    report = [line for line in (run.stdout + run.stderr).splitlines() if head in line][0]
     assert "evaluation" in report and "training skips" not in report, report
     # --eval-only stops the same way.
     run = _run(["--eval-only", *_arguments(tiny_coco, broken_test_split, out)])
