@@ -180,33 +180,28 @@ def test_broken_test_split_stops_before_training(tiny_coco, broken_test_split, t
     assert all(path in run.stderr for path in broken_test_split.bad)
 
 
-def test_skip_unreadable_evaluates_the_readable_images(
-    tiny_coco, broken_test_split, tmp_path, caplog
-):
+def test_skip_unreadable_evaluates_the_readable_images(tiny_coco, broken_test_split, tmp_path):
     out = tmp_path / "out"
-    args = default_argument_parser().parse_args(
-        ["--eval-only", *_arguments(tiny_coco, broken_test_split, out),
-         "dataset.skip_unreadable_test_images=True"]
-    )  # fmt: skip
-    results = train_net.main(args)
+    skip = "dataset.skip_unreadable_test_images=True"
+    note = "2 of the 4 images of"
+    # Training (1 iteration), evaluated at the end; then --eval-only of its checkpoint.
+    train_net.main(
+        default_argument_parser().parse_args([*_arguments(tiny_coco, broken_test_split, out), skip])
+    )
+    weights = f"train.init_checkpoint={out / 'model_final.pth'}"
+    args = [*_arguments(tiny_coco, broken_test_split, out), skip, weights]
+    results = train_net.main(default_argument_parser().parse_args(["--eval-only", *args]))
     assert set(results) == {"bbox", "segm"}
     log = (out / "log.txt").read_text()
-    note = "2 of the 4 images of"
-    assert note in log and "NOT over the whole test set" in log
-    # After the AP tables and after print_csv_format's lines.
-    assert (
-        log.rindex(note)
-        > log.rindex("copypaste:")
-        > log.index(note)
-        > log.index("Evaluation results for segm")
-    )
+    assert log.count("NOT over the whole test set") == 4 and log.count(note) == 4
+    # Each evaluation: after the AP tables and after print_csv_format's lines.
+    for run in log.split("Evaluation results for bbox")[1:]:
+        assert run.rindex(note) > run.rindex("copypaste:") > run.index(note)
+        assert run.index(note) > run.index("Evaluation results for segm")
     # A misspelt option is an error, not ignored.
-    args = default_argument_parser().parse_args(
-        ["--eval-only", *_arguments(tiny_coco, broken_test_split, out),
-         "dataset.skip_unreadable_test_image=True"]
-    )  # fmt: skip
+    args[-2] = "dataset.skip_unreadable_test_image=True"
     with pytest.raises(KeyError, match="dataset.skip_unreadable_test_image;"):
-        train_net.main(args)
+        train_net.main(default_argument_parser().parse_args(["--eval-only", *args]))
 
 
 def test_image_broken_during_training_names_it_after_a_checkpoint(tiny_coco, tmp_path):

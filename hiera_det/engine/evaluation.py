@@ -83,8 +83,9 @@ def evaluate(
     (`print_csv_format`) on the main process and return them.
 
     Raises:
-        BadImageError: an image cannot be read (it changed after the check before the run), in
-            one line naming the file and the dataset.
+        BadImageError: an image cannot be read (it changed after the check before the run, or
+            is corrupt in a way the check does not see), in one line naming the file and the
+            dataset.
     """
     names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
     subset = _left_out_note(names)
@@ -94,9 +95,9 @@ def evaluate(
         results = inference_on_dataset(model, data_loader, evaluator)
     except BadImageError as e:
         raise BadImageError(
-            f"evaluating dataset {', '.join(map(repr, names))}: {_original_message(e)} (it read "
-            "at the check before the run, so it changed since; training saves a checkpoint "
-            "before each evaluation, so a training run goes on with --resume once it is fixed)"
+            f"evaluating dataset {', '.join(map(repr, names))}: {_original_message(e)} (the "
+            "check before the run passed it: it changed since, or is corrupt inside its data; "
+            "training saves a checkpoint before each evaluation: fix the file and --resume)"
         ) from None
     if comm.is_main_process():
         print_csv_format(results)
