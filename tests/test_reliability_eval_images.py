@@ -183,7 +183,7 @@ def test_broken_test_split_stops_before_training(tiny_coco, broken_test_split, t
 def test_skip_unreadable_evaluates_the_readable_images(tiny_coco, broken_test_split, tmp_path):
     out = tmp_path / "out"
     skip = "dataset.skip_unreadable_test_images=True"
-    note = "2 of the 4 images of"
+    note = f"2 of the 4 images of 'eval_images_{tmp_path.name[-24:]}' are left out"
     # Training (1 iteration), evaluated at the end; then --eval-only of its checkpoint.
     train_net.main(
         default_argument_parser().parse_args([*_arguments(tiny_coco, broken_test_split, out), skip])

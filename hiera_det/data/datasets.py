@@ -165,8 +165,9 @@ def apply_dataset_config(cfg) -> None:
 
 def register_readable_subset(found: UnreadableImages) -> str:
     """Register ``<dataset>_readable``: dataset `found.dataset` without the images `found` names
-    (same metadata, plus ``left_out_images`` (the messages), ``num_images_checked`` and
-    ``evaluated_image_ids``, which `hiera_det.engine.evaluation` scores on); return its name."""
+    (same metadata, plus ``readable_subset_of``, ``left_out_images`` (the messages),
+    ``num_images_checked`` and ``evaluated_image_ids``, which `hiera_det.engine.evaluation`
+    scores on); return its name."""
     name = f"{found.dataset}_readable"
     bad_paths = {path for _, path, _ in found.problems}
     bad_ids = {image_id for image_id, _, _ in found.problems}
@@ -180,6 +181,7 @@ def register_readable_subset(found: UnreadableImages) -> str:
     metadata = {k: v for k, v in MetadataCatalog.get(original).as_dict().items() if k != "name"}
     MetadataCatalog.get(name).set(
         **metadata,
+        readable_subset_of=original,
         left_out_images=[message for _, _, message in found.problems],
         num_images_checked=found.num_images,
         evaluated_image_ids=sorted(i for i in found.image_ids if i not in bad_ids),

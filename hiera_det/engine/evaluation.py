@@ -53,7 +53,8 @@ def _left_out_note(names: list[str]) -> tuple[list[int], str] | None:
         left_out = meta.left_out_images
         image_ids += meta.evaluated_image_ids
         parts.append(
-            f"{len(left_out)} of the {meta.num_images_checked} images of {name!r} are left out "
+            f"{len(left_out)} of the {meta.num_images_checked} images of "
+            f"{meta.readable_subset_of!r} are left out "
             f"(unreadable; e.g. {left_out[0]})"
         )
     if not parts:
