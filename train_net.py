@@ -43,15 +43,19 @@ from detectron2.engine import (
     hooks,
 )
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.config_check import load_config
-from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
-from hiera_det.data.validation import validate_datasets
-from hiera_det.engine.hooks import DeterministicSteps, FiniteParametersCheck
+from hiera_det.data.datasets import apply_dataset_config, check_dataset_files, check_test_datasets
+from hiera_det.data.validation import DatasetError, validate_datasets
+from hiera_det.engine.evaluation import evaluate
+from hiera_det.engine.hooks import (
+    CheckpointBeforeEvaluation,
+    DeterministicSteps,
+    FiniteParametersCheck,
+)
 from hiera_det.engine.launch import (
     LaunchError,
     check_in_launcher_group,
@@ -71,12 +75,8 @@ def do_test(cfg, model) -> dict:
     """Run the test loader through the evaluator; print and return the results (e.g. COCO AP)."""
     if not has_evaluation(cfg):
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
-    if comm.is_main_process():
-        print_csv_format(results)
-    return results
+    loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    return evaluate(model, loader, evaluator, cfg.dataloader.test.dataset.names)
 
 
 def do_train(args, cfg) -> None:
@@ -93,6 +93,8 @@ def do_train(args, cfg) -> None:
     trainer = trainer_class(model, train_loader, optimizer)
     checkpointer = HieraCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     main = comm.is_main_process()
+    eval_period = cfg.train.eval_period if has_evaluation(cfg) else 0
+    periodic_checkpointer = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -100,8 +102,10 @@ def do_train(args, cfg) -> None:
             # Same data and random draws per iteration after --resume (docs/reliability.md).
             DeterministicSteps(cfg.train.seed),
             # Before the checkpointer: a step that made weights non-finite writes no checkpoint.
-            FiniteParametersCheck(cfg.train.checkpointer.period),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            FiniteParametersCheck(cfg.train.checkpointer.period, eval_period),
+            periodic_checkpointer if main else None,
+            # A checkpoint of every iteration evaluated after: a failed evaluation loses nothing.
+            CheckpointBeforeEvaluation(periodic_checkpointer, eval_period) if main else None,
             # Evaluates every eval_period iterations (if > 0) and after the last one.
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
             if has_evaluation(cfg)
@@ -138,13 +142,22 @@ def choose_device(cfg) -> None:
 
 
 def check_datasets(cfg, eval_only: bool) -> None:
-    """Fail early, naming the expected files, when a dataset the run reads is missing."""
+    """Fail early, naming the expected files, when a dataset the run reads is missing or broken;
+    a `DatasetError` ends the run with its message alone (no traceback)."""
     loaders = ["test"] if eval_only else ["train", "test"]
-    for key in loaders:
-        dataset = cfg.dataloader.get(key, {}).get("dataset", {})
-        if "names" in dataset:
-            check_dataset_files(dataset.names)
-            validate_datasets(dataset.names)  # stops on inconsistent annotations, reports skips
+    try:
+        for key in loaders:
+            dataset = cfg.dataloader.get(key, {}).get("dataset", {})
+            if "names" in dataset:
+                check_dataset_files(dataset.names)
+                # Stops on inconsistent annotations, reports skips.
+                validate_datasets(
+                    dataset.names, used_for="training" if key == "train" else "evaluation"
+                )
+        if has_evaluation(cfg):
+            check_test_datasets(cfg)  # every test image reads, or dataset.skip_unreadable_...
+    except DatasetError as e:
+        raise SystemExit(f"DatasetError: {e}") from None
 
 
 def main(args) -> dict | None:

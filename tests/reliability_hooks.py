@@ -1,7 +1,7 @@
 """Hooks for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
 over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values;
-the weights a run starts from are saved to measure how far training moved them; and a hook
-that kills a torchrun worker once."""
+the weights a run starts from are saved to measure how far training moved them; a hook
+that kills a torchrun worker once; and one that breaks an image after the check before the run."""
 
 from __future__ import annotations
 
@@ -58,3 +58,17 @@ class KillFirstWorkerGroupOnce(HookBase):
         first_group = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
         if first_group and self.trainer.iter == self.iteration and comm.get_rank() == self.rank:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TruncateFile(HookBase):
+    """Cut `path` to a third of its bytes before the first step: a test image that read at the
+    check before the run and no longer reads when it is evaluated."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def before_train(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:
+            f.write(data[: len(data) // 3])

@@ -15,7 +15,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from hiera_det.evaluation import FastCOCOEvaluator
+from hiera_det.engine.evaluation import FastCOCOEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 bench = load_script("tools/benchmark_coco_eval.py", "benchmark_coco_eval")

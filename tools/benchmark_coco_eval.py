@@ -229,7 +229,7 @@ def implementations() -> dict[str, type]:
     """The COCOeval classes to compare: pycocotools' and, where installed, faster-coco-eval's."""
     from pycocotools.cocoeval import COCOeval
 
-    from hiera_det.evaluation import faster_cocoeval_class
+    from hiera_det.engine.evaluation import faster_cocoeval_class
 
     found = {"pycocotools": COCOeval}
     if faster_cocoeval_class() is not None:

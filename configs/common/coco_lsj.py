@@ -14,9 +14,9 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from hiera_det.data.mapper import RobustDatasetMapper
+from hiera_det.data.mapper import EvaluationDatasetMapper, RobustDatasetMapper
 from hiera_det.data.sampling import build_resumable_train_loader
-from hiera_det.evaluation import FastCOCOEvaluator
+from hiera_det.engine.evaluation import FastCOCOEvaluator
 
 image_size = 1024
 
@@ -48,6 +48,8 @@ dataloader.train.mapper.augmentations = lsj_augmentations(image_size)
 dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.recompute_boxes = True  # boxes cut by the crop are re-fit to their masks
 dataloader.train.total_batch_size = 64
+# Detectron2's test mapper, whose error on an unreadable image names the file.
+dataloader.test.mapper._target_ = EvaluationDatasetMapper
 dataloader.test.mapper.augmentations = square_test_resize(image_size)
 # Detectron2's COCOEvaluator with faster-coco-eval's compiled COCOeval (pycocotools if it is not
 # installed): the same AP in a fraction of the time (measured in docs/detection.md).

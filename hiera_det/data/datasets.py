@@ -10,20 +10,42 @@ COCO-format dataset of your own (an instances json + an image folder), give trai
 Each entry is ``[name, json_file, image_root]``, the arguments of Detectron2's
 `register_coco_instances`. `apply_dataset_config` registers them, points the train/test loaders and
 the evaluator at them and sets the detector's number of classes to the json's categories.
+
+Before a run, `check_test_datasets` checks every image of the test loader's datasets and stops,
+naming the files, on any that would not read; ``dataset.skip_unreadable_test_images=True`` evaluates
+without them instead (on ``<name>_readable``, registered here; the AP tables say so).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.utils.registry import locate
 
-from .validation import DatasetError, validate_coco_json
+from .validation import (
+    SKIP_UNREADABLE_OPTION,
+    DatasetError,
+    UnreadableImages,
+    check_test_images,
+    validate_coco_json,
+)
 
-__all__ = ["apply_dataset_config", "check_dataset_files", "register_coco_format"]
+__all__ = [
+    "apply_dataset_config",
+    "check_dataset_files",
+    "check_test_datasets",
+    "register_coco_format",
+    "register_readable_subset",
+]
+
+# The keys of a config's ``dataset`` section (any ``dataset.*`` override passes the config check,
+# so `apply_dataset_config` rejects others: a misspelt option must not be ignored).
+_DATASET_KEYS = ("train", "test", "skip_unreadable_test_images")
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +138,9 @@ def apply_dataset_config(cfg) -> None:
     json's categories; the test json must have the same number). Configs without a
     ``dataset`` section are left alone.
     """
+    unknown = [k for k in cfg.get("dataset", None) or {} if k not in _DATASET_KEYS]
+    if unknown:
+        raise KeyError(f"unknown key dataset.{unknown[0]}; the dataset keys are {_DATASET_KEYS}")
     num_classes = {}
     for key in ("train", "test"):
         entry = _entry(cfg, key)
@@ -136,3 +161,57 @@ def apply_dataset_config(cfg) -> None:
         )
     if num_classes and "roi_heads" in cfg.model and "num_classes" in cfg.model.roi_heads:
         cfg.model.roi_heads.num_classes = next(iter(num_classes.values()))
+
+
+def register_readable_subset(found: UnreadableImages) -> str:
+    """Register ``<dataset>_readable``: dataset `found.dataset` without the images `found` names
+    (same metadata, plus ``readable_subset_of``, ``left_out_images`` (the messages),
+    ``num_images_checked`` and ``evaluated_image_ids``, which `hiera_det.engine.evaluation`
+    scores on); return its name."""
+    name = f"{found.dataset}_readable"
+    bad_paths = {path for _, path, _ in found.problems}
+    bad_ids = {image_id for image_id, _, _ in found.problems}
+    if name in DatasetCatalog.list():  # another run in this process, maybe with other files
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    original = found.dataset
+    DatasetCatalog.register(
+        name, lambda: [d for d in DatasetCatalog.get(original) if d["file_name"] not in bad_paths]
+    )
+    metadata = {k: v for k, v in MetadataCatalog.get(original).as_dict().items() if k != "name"}
+    MetadataCatalog.get(name).set(
+        **metadata,
+        readable_subset_of=original,
+        left_out_images=[message for _, _, message in found.problems],
+        num_images_checked=found.num_images,
+        evaluated_image_ids=sorted(i for i in found.image_ids if i not in bad_ids),
+    )
+    return name
+
+
+def _evaluator_takes_image_ids(cfg) -> bool:
+    target = cfg.dataloader.evaluator.get("_target_")
+    target = locate(target) if isinstance(target, str) else target
+    evaluate = getattr(target, "evaluate", None)
+    return evaluate is not None and "img_ids" in inspect.signature(evaluate).parameters
+
+
+def check_test_datasets(cfg) -> None:
+    """Before a run: `check_test_images` on ``dataloader.test.dataset.names``, which raises
+    `DatasetError` naming every unreadable image; with ``dataset.skip_unreadable_test_images=True``
+    the test loader reads `register_readable_subset` datasets instead (the evaluator must take
+    ``img_ids``, as Detectron2's `COCOEvaluator` does)."""
+    dataset = cfg.dataloader.test.get("dataset", {})
+    if "names" not in dataset:
+        return
+    skip = bool((cfg.get("dataset", None) or {}).get("skip_unreadable_test_images", False))
+    if skip and "evaluator" in cfg.dataloader and not _evaluator_takes_image_ids(cfg):
+        raise DatasetError(
+            f"{SKIP_UNREADABLE_OPTION} needs an evaluator whose evaluate() takes img_ids "
+            f"(Detectron2's COCOEvaluator does); {cfg.dataloader.evaluator._target_} does not"
+        )
+    found = {f.dataset: f for f in check_test_images(dataset.names, skip_unreadable=skip)}
+    if not found:
+        return
+    names = [register_readable_subset(found[n]) if n in found else n for n in _names(dataset.names)]
+    dataset.names = names[0] if isinstance(dataset.names, str) else names

@@ -3,7 +3,8 @@ arguments) that reads every image mode correctly (`read_image_any`), skips an un
 or wrongly sized image with a warning naming the file and a running count (returning None makes
 the loader take another image), drops the annotations `find_annotation_problem` rejects, and stops
 when `max_consecutive_failures` images in a row are unreadable (the image folder itself is
-broken). Policies in docs/reliability.md.
+broken). `EvaluationDatasetMapper` is `DatasetMapper` whose read errors name the file. Policies in
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from detectron2.data.dataset_mapper import DatasetMapper
 from .images import BadImageError, read_image_any
 from .validation import find_annotation_problem
 
-__all__ = ["RobustDatasetMapper"]
+__all__ = ["EvaluationDatasetMapper", "RobustDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +119,19 @@ class RobustDatasetMapper(DatasetMapper):
         if "annotations" in dataset_dict:
             self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
+
+
+class EvaluationDatasetMapper(DatasetMapper):
+    """Detectron2's `DatasetMapper` (same arguments, same output) for the test loader, whose error
+    on an image that cannot be read names the file: `BadImageError` instead of PIL's bare
+    ``OSError: image file is truncated``. It reads as `DatasetMapper` does and skips nothing:
+    evaluation scores every image (`hiera_det.data.validation.check_test_images` checks them
+    before the run; this catches a file that changed since)."""
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, utils.SizeMismatchError) as e:
+            raise BadImageError(
+                f"cannot read image {dataset_dict.get('file_name')}: {type(e).__name__}: {e}"
+            ) from e

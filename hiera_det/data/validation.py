@@ -4,7 +4,10 @@
 not 4 numbers, no image file at all) and **counts and reports** (with examples) what training will
 skip (empty or degenerate polygons, empty boxes, boxes wholly outside their image, missing image
 files). `find_annotation_problem` is the one definition of a bad annotation, shared with the
-training-time `hiera_det.data.mapper.RobustDatasetMapper`. Policies in docs/reliability.md.
+training-time `hiera_det.data.mapper.RobustDatasetMapper`. A test split's report speaks of
+evaluation, and `check_test_images` checks every image of the test splits before the run
+(`hiera_det.data.images.check_image_file`, in threads) and stops on any that would not read
+(naming them), because evaluation does not skip images. Policies in docs/reliability.md.
 
 A file is parsed once per process however often it is validated (registration in
 `hiera_det.data.datasets` and train_net's check both validate it): what the checks learn from its
@@ -21,17 +24,23 @@ import math
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.structures.masks import polygon_area
 
+from .images import BadImageError, check_image_file
+
 __all__ = [
     "DatasetError",
+    "UnreadableImages",
     "ValidationReport",
+    "check_test_images",
     "find_annotation_problem",
+    "find_unreadable_images",
     "validate_coco_json",
     "validate_datasets",
 ]
@@ -40,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 _EXAMPLES = 5  # examples named per kind of problem in a report
 _CACHED_FILES = 4  # checked contents kept (a run reads a train and a test file)
+_LISTED_IMAGES = 20  # unreadable test images named in the message that stops the run
+SKIP_UNREADABLE_OPTION = "dataset.skip_unreadable_test_images=True"
 
 
 class DatasetError(ValueError):
@@ -111,7 +122,9 @@ class ValidationReport:
 
     ``skipped_annotations``: problem -> annotation ids that training will skip;
     ``missing_images``: image file names not found (training skips those images);
-    ``num_categories``: the length of the file's ``categories``.
+    ``num_categories``: the length of the file's ``categories``;
+    ``used_for``: "training" or "evaluation" (a test split: its annotations are the ground truth
+    as the json gives them, and its images are checked by `check_test_images`).
     """
 
     json_file: str
@@ -120,17 +133,26 @@ class ValidationReport:
     skipped_annotations: dict[str, list] = field(default_factory=dict)
     missing_images: list[str] = field(default_factory=list)
     num_categories: int = 0
+    used_for: str = "training"
 
     @property
     def num_skipped_annotations(self) -> int:
         return sum(len(ids) for ids in self.skipped_annotations.values())
 
     def __str__(self) -> str:
-        lines = [
-            f"{self.json_file}: {self.num_images} images, {self.num_annotations} annotations; "
-            f"training skips {self.num_skipped_annotations} annotations and "
-            f"{len(self.missing_images)} missing images"
-        ]
+        head = f"{self.json_file}: {self.num_images} images, {self.num_annotations} annotations; "
+        if self.used_for == "training":
+            head += (
+                f"training skips {self.num_skipped_annotations} annotations and "
+                f"{len(self.missing_images)} missing images"
+            )
+        else:
+            head += (
+                f"evaluation scores against all annotations as the json gives them, including "
+                f"{self.num_skipped_annotations} that training would skip; "
+                f"{len(self.missing_images)} missing images"
+            )
+        lines = [head]
         for problem, ids in sorted(self.skipped_annotations.items()):
             shown = ", ".join(str(i) for i in ids[:_EXAMPLES])
             lines.append(
@@ -173,6 +195,8 @@ class _CheckedContent:
     num_categories: int
     skipped_annotations: dict[str, tuple]
     file_names: tuple[str, ...]
+    image_ids: tuple[int, ...]
+    image_sizes: tuple[tuple[int, int], ...]  # (width, height), as the json gives them
 
 
 _checked: OrderedDict[bytes, _CheckedContent] = OrderedDict()  # digest -> content, LRU order
@@ -283,6 +307,8 @@ def _checked_content(json_file: str) -> _CheckedContent:
         num_categories=len(content["categories"]),
         skipped_annotations={k: tuple(v) for k, v in skipped.items()},
         file_names=tuple(img["file_name"] for img in content["images"]),
+        image_ids=tuple(img["id"] for img in content["images"]),
+        image_sizes=tuple((img["width"], img["height"]) for img in content["images"]),
     )
     _checked[digest] = checked
     while len(_checked) > _CACHED_FILES:
@@ -325,17 +351,21 @@ def validate_coco_json(
 
 
 def validate_datasets(
-    names: str | Iterable[str], check_files: bool = True
+    names: str | Iterable[str], check_files: bool = True, used_for: str = "training"
 ) -> list[ValidationReport]:
     """`validate_coco_json` for each named dataset registered from a COCO json (Detectron2's
-    `register_coco_instances`, built-in COCO); others are left alone. Logs each report."""
+    `register_coco_instances`, built-in COCO); others are left alone. Logs each report, worded for
+    `used_for` ("training" or "evaluation")."""
+    if used_for not in ("training", "evaluation"):
+        raise ValueError(f"used_for must be 'training' or 'evaluation', got {used_for!r}")
     reports = []
-    for name in [names] if isinstance(names, str) else names:
+    for name in _names(names):
         meta = MetadataCatalog.get(name)
         json_file = meta.get("json_file")
         if not json_file or not os.path.isfile(json_file):
             continue  # not a COCO-json dataset, or generated on first use
         report = validate_coco_json(json_file, meta.get("image_root"), check_files)
+        report.used_for = used_for
         (
             logger.warning
             if report.num_skipped_annotations or report.missing_images
@@ -343,3 +373,110 @@ def validate_datasets(
         )(f"dataset {name!r}: {report}")
         reports.append(report)
     return reports
+
+
+def _names(names: str | Iterable[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+@dataclass
+class UnreadableImages:
+    """What `find_unreadable_images` found in one dataset.
+
+    ``problems``: (image id, path, message naming the file) of each image reading would fail on;
+    ``image_ids``: the ids of all ``num_images`` images (None where a dataset gives none);
+    ``source``: the json the images came from (or the dataset name when it has no json).
+    """
+
+    dataset: str
+    source: str
+    num_images: int
+    problems: list[tuple[int | None, str, str]] = field(default_factory=list)
+    image_ids: list[int | None] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        shown = [f"  {message}" for _, _, message in self.problems[:_LISTED_IMAGES]]
+        if len(self.problems) > _LISTED_IMAGES:
+            shown.append(f"  ... and {len(self.problems) - _LISTED_IMAGES} more")
+        return "\n".join(
+            [
+                f"dataset {self.dataset!r} ({self.source}): {len(self.problems)} of its "
+                f"{self.num_images} images cannot be read:",
+                *shown,
+            ]
+        )
+
+
+def _images_of(name: str) -> tuple[str, list[tuple[int | None, str, int | None, int | None]]]:
+    """(source, [(image id, path, width, height)]) of a registered dataset: from the checked json
+    for a COCO-json dataset (parsed once, see the module docstring), else from its dicts."""
+    meta = MetadataCatalog.get(name)
+    json_file = meta.get("json_file")
+    if json_file and os.path.isfile(json_file) and meta.get("image_root") is not None:
+        checked = _checked_content(json_file)
+        root = meta.image_root
+        return json_file, [
+            (i, os.path.join(root, f), w, h)
+            for i, f, (w, h) in zip(checked.image_ids, checked.file_names, checked.image_sizes)
+        ]
+    dicts = DatasetCatalog.get(name)
+    return name, [
+        (d.get("image_id"), d["file_name"], d.get("width"), d.get("height")) for d in dicts
+    ]
+
+
+def _problem(entry: tuple[int | None, str, int | None, int | None]) -> str | None:
+    try:
+        check_image_file(*entry[1:])
+    except BadImageError as e:
+        return str(e)
+    return None
+
+
+def find_unreadable_images(name: str, num_threads: int | None = None) -> UnreadableImages:
+    """Check every image of the registered dataset `name` with `check_image_file`, in
+    `num_threads` threads (None: Python's default pool size; the check mostly waits for the
+    disk and for PIL's C code, which runs outside the GIL)."""
+    source, entries = _images_of(name)
+    with ThreadPoolExecutor(num_threads) as pool:
+        problems = list(pool.map(_problem, entries, chunksize=64))
+    return UnreadableImages(
+        name,
+        source,
+        len(entries),
+        [(entry[0], entry[1], p) for entry, p in zip(entries, problems) if p is not None],
+        [entry[0] for entry in entries],
+    )
+
+
+def check_test_images(
+    names: str | Iterable[str], skip_unreadable: bool = False
+) -> list[UnreadableImages]:
+    """`find_unreadable_images` for each test dataset, before training or evaluation starts.
+
+    Returns the findings of the datasets with unreadable images (empty when all read).
+
+    Raises:
+        DatasetError: some image cannot be read and `skip_unreadable` is False: one message
+            naming each file (the first 20 per dataset, and the count), its json, and the
+            choices (fix the files, or evaluate without them with `SKIP_UNREADABLE_OPTION`).
+    """
+    found = [f for f in map(find_unreadable_images, _names(names)) if f.problems]
+    if not found:
+        return []
+    if skip_unreadable:
+        for f in found:
+            logger.warning(f"{f}\nEvaluation leaves them out ({SKIP_UNREADABLE_OPTION})")
+        return found
+    raise DatasetError(
+        "\n".join(
+            [
+                "Evaluation would stop at these images (it does not skip images: the AP would "
+                "change):",
+                *map(str, found),
+                "Fix or replace these files (or remove their entries from the json), or evaluate "
+                f"without them: {SKIP_UNREADABLE_OPTION} (the AP tables then say how many images "
+                "were left out). Nothing has been trained or evaluated yet.",
+            ]
+        )
+    )

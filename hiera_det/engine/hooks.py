@@ -1,19 +1,20 @@
 """Training hooks for Detectron2's trainer: `DeterministicSteps` (exact resume; the data side is
-`hiera_det.data.sampling`, whose docstring tells the whole scheme) and `FiniteParametersCheck`
-(stops a run before a checkpoint would store non-finite weights)."""
+`hiera_det.data.sampling`, whose docstring tells the whole scheme), `FiniteParametersCheck`
+(stops a run before a checkpoint would store non-finite weights) and `CheckpointBeforeEvaluation`
+(an evaluation that fails loses no training)."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..data.sampling import shared_seed, step_seed
 
-__all__ = ["DeterministicSteps", "FiniteParametersCheck"]
+__all__ = ["CheckpointBeforeEvaluation", "DeterministicSteps", "FiniteParametersCheck"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,18 @@ class FiniteParametersCheck(HookBase):
 
     Args:
         period: the checkpoint period; the check also runs after the last iteration.
+        eval_period: if > 0, also every `eval_period` iterations (`CheckpointBeforeEvaluation`
+            saves there).
     """
 
-    def __init__(self, period: int):
+    def __init__(self, period: int, eval_period: int = 0):
         self.period = period
+        self.eval_period = eval_period
 
     def after_step(self) -> None:
         next_iter = self.trainer.iter + 1
-        if next_iter % self.period and next_iter != self.trainer.max_iter:
+        before_eval = self.eval_period > 0 and next_iter % self.eval_period == 0
+        if next_iter % self.period and next_iter != self.trainer.max_iter and not before_eval:
             return
         model = self.trainer.model
         params = [(n, p) for n, p in model.named_parameters()]
@@ -88,4 +93,32 @@ class FiniteParametersCheck(HookBase):
             f"after iteration {self.trainer.iter} {len(bad)} parameters hold NaN or inf (e.g. "
             f"{', '.join(bad[:5])}); training stopped without writing this checkpoint. Resume "
             "from the last one with a lower learning rate or stronger gradient clipping."
+        )
+
+
+class CheckpointBeforeEvaluation(HookBase):
+    """Save a checkpoint after every iteration that Detectron2's `EvalHook` evaluates after,
+    when `checkpointer` (the `PeriodicCheckpointer` hook) has not just saved one: a failing
+    evaluation (e.g. a test image changed on disk) then loses no training, ``--resume`` goes on
+    from there. Register it after the `PeriodicCheckpointer` and before the `EvalHook` (Detectron2
+    runs hooks in order); after the last iteration the checkpointer saves ``model_final`` anyway.
+
+    Args:
+        checkpointer: the run's `PeriodicCheckpointer` hook (on the main process).
+        eval_period: ``train.eval_period``, as given to `EvalHook` (0: no periodic evaluation).
+    """
+
+    def __init__(self, checkpointer: hooks.PeriodicCheckpointer, eval_period: int):
+        self.checkpointer = checkpointer
+        self.eval_period = eval_period
+
+    def after_step(self) -> None:
+        iteration = self.trainer.iter
+        next_iter = iteration + 1
+        if self.eval_period <= 0 or next_iter % self.eval_period:
+            return
+        if next_iter >= self.trainer.max_iter or next_iter % self.checkpointer.period == 0:
+            return  # the checkpointer has saved this iteration
+        self.checkpointer.save(
+            f"{self.checkpointer.file_prefix}_{iteration:07d}", iteration=iteration
         )
