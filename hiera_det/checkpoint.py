@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
+from .checkpoint_download import reading_checkpoint
 from .modeling.hiera import HIERA_SIZES, Hiera, resize_pos_embed
 
 __all__ = [
@@ -208,7 +209,7 @@ def _read_checkpoint(path: str, weights_only: bool | None = None) -> Mapping:
     local = PathManager.get_local_path(path)
     if not os.path.isfile(local):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    with open(local, "rb") as f:
+    with reading_checkpoint(local), open(local, "rb") as f:
         return torch.load(f, map_location="cpu", weights_only=weights_only)
 
 
@@ -323,7 +324,8 @@ class HieraCheckpointer(DetectionCheckpointer):
         )
 
     def _load_file(self, filename: str) -> dict:
-        loaded = super()._load_file(filename)
+        with reading_checkpoint(filename):  # a truncated .pth/.pkl: an error naming the file
+            loaded = super()._load_file(filename)
         found = _find_hiera(self.model)
         if found is None or loaded.get("matching_heuristics"):
             return loaded
