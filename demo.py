@@ -28,6 +28,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
+from hiera_det.checkpoint_download import CheckpointVerificationError, CorruptCheckpointError
 from hiera_det.config_check import ConfigOverrideError, load_config
 from hiera_det.data.images import BadImageError, read_image_any
 from hiera_det.engine.visualize import draw_predictions
@@ -107,7 +108,8 @@ def build_predictor(args) -> tuple[RobustPredictor, Metadata]:
         )
     # Let the model keep low-scoring detections when the threshold is below its default.
     opts += score_thresh_overrides(lazy, args.confidence_threshold)
-    cfg = predictor_cfg(args.config_file, weights, opts)
+    hint = "--weights /path/to/file" if args.weights else "--opts train.init_checkpoint=/path/to/file"
+    cfg = predictor_cfg(args.config_file, weights, opts, local_hint=hint)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
     return RobustPredictor(cfg), metadata
 
@@ -153,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, FileNotFoundError, ConfigOverrideError) as e:
+    except (
+        DemoError,
+        FileNotFoundError,  # also CheckpointUnavailableError: a URL that cannot be downloaded
+        ConfigOverrideError,
+        CheckpointVerificationError,
+        CorruptCheckpointError,
+    ) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)

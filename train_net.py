@@ -22,6 +22,8 @@ COCO-format data of one's own: ``dataset.train=[name,json,image_dir]`` and
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import torch
 from detectron2.config import instantiate
@@ -40,6 +42,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.checkpoint_download import (
+    CheckpointUnavailableError,
+    CheckpointVerificationError,
+    CorruptCheckpointError,
+    fetch_checkpoint,
+)
 from hiera_det.config_check import load_config
 from hiera_det.data.datasets import apply_dataset_config, check_dataset_files
 from hiera_det.data.validation import validate_datasets
@@ -133,6 +141,18 @@ def check_datasets(cfg, eval_only: bool) -> None:
             validate_datasets(dataset.names)  # stops on inconsistent annotations, reports skips
 
 
+def check_init_checkpoint(cfg, resume: bool) -> None:
+    """Fail early, naming the file, when ``train.init_checkpoint`` cannot be had: a URL that
+    cannot be downloaded (the message says where the cache looks and how to go on), a cached file
+    that is not the published one, a missing or truncated local file. A URL is downloaded here,
+    before the data loaders are built; the checkpointer later finds it in the cache."""
+    checkpoint = cfg.train.init_checkpoint
+    last = os.path.join(cfg.train.output_dir, "last_checkpoint")
+    if not checkpoint or (resume and os.path.isfile(last)):  # a resumed run loads its own file
+        return
+    fetch_checkpoint(checkpoint)
+
+
 def main(args) -> dict | None:
     cfg = load_config(args.config_file, args.opts)  # fails on unknown keys and wrong types
     apply_dataset_config(cfg)  # before default_setup saves the config: dataset names, classes
@@ -142,6 +162,7 @@ def main(args) -> dict | None:
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="hiera_det").propagate = True
     choose_device(cfg)
     check_datasets(cfg, args.eval_only)
+    check_init_checkpoint(cfg, args.resume)
 
     if args.eval_only:
         if not has_evaluation(cfg):
@@ -157,16 +178,24 @@ def main(args) -> dict | None:
     return None
 
 
+# Reported as one message, without a traceback: the message says what to do.
+CHECKPOINT_ERRORS = (CheckpointUnavailableError, CheckpointVerificationError, CorruptCheckpointError)
+
+
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except CHECKPOINT_ERRORS as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 import tempfile
 import urllib.error
 import urllib.request
@@ -280,7 +281,8 @@ def check_checkpoint_file(path: str) -> None:
 
 def _is_damage(error: BaseException) -> bool:
     """Whether a reader's exception means a damaged file (not e.g. a weights_only refusal)."""
-    if isinstance(error, (EOFError, zipfile.BadZipFile)):
+    # struct.error: torch's weights-only unpickler reading past the end of a truncated pickle.
+    if isinstance(error, (EOFError, zipfile.BadZipFile, struct.error)):
         return True
     text = str(error)
     if isinstance(error, pickle.UnpicklingError):
