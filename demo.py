@@ -108,7 +108,9 @@ def build_predictor(args) -> tuple[RobustPredictor, Metadata]:
         )
     # Let the model keep low-scoring detections when the threshold is below its default.
     opts += score_thresh_overrides(lazy, args.confidence_threshold)
-    hint = "--weights /path/to/file" if args.weights else "--opts train.init_checkpoint=/path/to/file"
+    hint = (
+        "--weights /path/to/file" if args.weights else "--opts train.init_checkpoint=/path/to/file"
+    )
     cfg = predictor_cfg(args.config_file, weights, opts, local_hint=hint)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
     return RobustPredictor(cfg), metadata

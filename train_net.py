@@ -179,7 +179,11 @@ def main(args) -> dict | None:
 
 
 # Reported as one message, without a traceback: the message says what to do.
-CHECKPOINT_ERRORS = (CheckpointUnavailableError, CheckpointVerificationError, CorruptCheckpointError)
+CHECKPOINT_ERRORS = (
+    CheckpointUnavailableError,
+    CheckpointVerificationError,
+    CorruptCheckpointError,
+)
 
 
 def invoke_main() -> None:

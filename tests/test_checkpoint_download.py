@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from conftest import shrink_overrides
@@ -270,3 +272,24 @@ def test_train_net_truncated_init_checkpoint_names_the_file(tiny_coco, tmp_path)
     message = run.stderr.strip().splitlines()[-1]
     assert message.startswith(f"train_net.py: error: checkpoint file {path} (5000 bytes) is trunc")
     assert "Model:" not in run.stderr + run.stdout
+
+
+def test_predictor_cfg_and_demo_say_how_to_give_a_local_file(cache, tmp_path):
+    from conftest import load_script
+
+    from hiera_det.predictor import predictor_cfg
+
+    url = closed_port_url()
+    with pytest.raises(CheckpointUnavailableError, match=r"copy the file there.*predictor_cfg"):
+        predictor_cfg(str(ROOT / "configs/quickstart.py"), url)
+    demo = load_script("demo.py", "demo")
+    image = tmp_path / "photo.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    argv = ["--config-file", str(ROOT / "configs/quickstart.py"), "--input", str(image)]
+    argv += ["--output", str(tmp_path / "drawn")]
+    with pytest.raises(CheckpointUnavailableError, match="--weights /path/to/file") as info:
+        demo.main([*argv, "--weights", url])
+    assert cache_path(url) in str(info.value)
+    with pytest.raises(CheckpointUnavailableError, match="--opts train.init_checkpoint=/path/to"):
+        demo.main([*argv, "--opts", f"train.init_checkpoint={url}"])
+    assert files_under(cache) == []
