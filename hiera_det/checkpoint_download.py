@@ -189,7 +189,7 @@ def fetch_checkpoint(
 ) -> str:
     """The local file of checkpoint `path` (a file, or a URL: cached, downloading it if needed).
 
-    A URL query (``?matching_heuristics=True``) is dropped. ``detectron2://`` goes through
+    A query (``?matching_heuristics=True``, which Detectron2's checkpointer reads) is dropped. ``detectron2://`` goes through
     Detectron2's ``PathManager`` (which calls this function for the https URL).
 
     Raises:
@@ -203,10 +203,10 @@ def fetch_checkpoint(
     if "://" in url and not url.startswith(URL_PREFIXES):
         return PathManager.get_local_path(url)  # detectron2://, manifold://, ... -> their handler
     if not url.startswith(URL_PREFIXES):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        check_checkpoint_file(path)
-        return path
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f"checkpoint file not found: {url}")
+        check_checkpoint_file(url)
+        return url
     cached = cache_path(url, cache_dir)
     if not os.path.isfile(cached):
         try:
