@@ -189,8 +189,9 @@ def fetch_checkpoint(
 ) -> str:
     """The local file of checkpoint `path` (a file, or a URL: cached, downloading it if needed).
 
-    A query (``?matching_heuristics=True``, which Detectron2's checkpointer reads) is dropped. ``detectron2://`` goes through
-    Detectron2's ``PathManager`` (which calls this function for the https URL).
+    A query (``?matching_heuristics=True``, which Detectron2's checkpointer reads) is dropped.
+    ``detectron2://`` goes through Detectron2's ``PathManager`` (which calls this function for the
+    https URL).
 
     Raises:
         CheckpointUnavailableError: a URL that cannot be fetched and is not cached; `local_hint`

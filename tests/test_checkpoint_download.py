@@ -225,9 +225,13 @@ def test_truncated_or_corrupt_files_name_the_file(tmp_path):
                 fetch_checkpoint(str(path))
 
 
-def test_reading_checkpoint_leaves_other_errors_alone(tmp_path):
+def test_intact_local_files_pass_and_other_errors_are_left_alone(tmp_path):
     path = tmp_path / "ok.pth"
     tiny_checkpoint(path)
+    assert fetch_checkpoint(str(path)) == str(path)
+    assert fetch_checkpoint(f"{path}?matching_heuristics=True") == str(path)  # Detectron2's query
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        fetch_checkpoint(str(tmp_path / "missing.pth"))
     with pytest.raises(KeyError):
         with checkpoint_download.reading_checkpoint(str(path)):
             raise KeyError("not about the file")
