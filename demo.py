@@ -37,6 +37,7 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from hiera_det.checkpoint_download import CheckpointVerificationError, CorruptCheckpointError
 from hiera_det.config_check import ConfigOverrideError, load_config
 from hiera_det.data.images import BadImageError, read_image_any
 from hiera_det.engine.visualize import draw_predictions
@@ -138,7 +139,10 @@ def build_predictor(args) -> tuple[RobustPredictor | OnnxPredictor, Metadata]:
         )
     # Let the model keep low-scoring detections when the threshold is below its default.
     opts += score_thresh_overrides(lazy, args.confidence_threshold)
-    cfg = predictor_cfg(args.config_file, weights, opts)
+    hint = (
+        "--weights /path/to/file" if args.weights else "--opts train.init_checkpoint=/path/to/file"
+    )
+    cfg = predictor_cfg(args.config_file, weights, opts, local_hint=hint)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata()
     return RobustPredictor(cfg), metadata
 
@@ -184,6 +188,13 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, FileNotFoundError, ConfigOverrideError, OnnxModelError) as e:
+    except (
+        DemoError,
+        FileNotFoundError,  # also CheckpointUnavailableError: a URL that cannot be downloaded
+        ConfigOverrideError,
+        CheckpointVerificationError,
+        CorruptCheckpointError,
+        OnnxModelError,
+    ) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -31,6 +31,8 @@ import hiera_det.utils.third_party  # noqa: F401
 # isort: split
 
 import logging
+import os
+import sys
 
 import torch
 from detectron2.config import instantiate
@@ -47,6 +49,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.checkpoint_download import (
+    CheckpointUnavailableError,
+    CheckpointVerificationError,
+    CorruptCheckpointError,
+    fetch_checkpoint,
+)
 from hiera_det.config_check import load_config
 from hiera_det.data.datasets import apply_dataset_config, check_dataset_files, check_test_datasets
 from hiera_det.data.validation import DatasetError, validate_datasets
@@ -160,6 +168,18 @@ def check_datasets(cfg, eval_only: bool) -> None:
         raise SystemExit(f"DatasetError: {e}") from None
 
 
+def check_init_checkpoint(cfg, resume: bool) -> None:
+    """Fail early, naming the file, when ``train.init_checkpoint`` cannot be had: a URL that
+    cannot be downloaded (the message says where the cache looks and how to go on), a cached file
+    that is not the published one, a missing or truncated local file. A URL is downloaded here,
+    before the data loaders are built; the checkpointer later finds it in the cache."""
+    checkpoint = cfg.train.init_checkpoint
+    last = os.path.join(cfg.train.output_dir, "last_checkpoint")
+    if not checkpoint or (resume and os.path.isfile(last)):  # a resumed run loads its own file
+        return
+    fetch_checkpoint(checkpoint)
+
+
 def main(args) -> dict | None:
     check_in_launcher_group()  # before anything is written: never two runs in one folder
     cfg = load_config(args.config_file, args.opts)  # fails on unknown keys and wrong types
@@ -171,6 +191,7 @@ def main(args) -> dict | None:
     resume_after_elastic_restart(args, cfg.train.output_dir)  # torchrun --max-restarts
     choose_device(cfg)
     check_datasets(cfg, args.eval_only)
+    check_init_checkpoint(cfg, args.resume)
 
     if args.eval_only:
         if not has_evaluation(cfg):
@@ -186,6 +207,14 @@ def main(args) -> dict | None:
     return None
 
 
+# Reported as one message, without a traceback: the message says what to do.
+CHECKPOINT_ERRORS = (
+    CheckpointUnavailableError,
+    CheckpointVerificationError,
+    CorruptCheckpointError,
+)
+
+
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     try:
@@ -193,6 +222,9 @@ def invoke_main() -> None:
         launch_from_args(main, args)
     except LaunchError as e:
         raise SystemExit(f"train_net.py: {e}") from None
+    except CHECKPOINT_ERRORS as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
+from .checkpoint_download import is_damaged_file_error, reading_checkpoint
 from .modeling.hiera import HIERA_SIZES, Hiera, resize_pos_embed
 
 __all__ = [
@@ -263,11 +264,11 @@ def _read_checkpoint(path: str) -> Mapping:
     trusted = _trusted(path, local)
     if trusted:
         logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
-    with open(local, "rb") as f:
+    with reading_checkpoint(local), open(local, "rb") as f:  # a damaged file: named
         try:
             return torch.load(f, map_location="cpu", weights_only=not trusted)
         except pickle.UnpicklingError as err:
-            if trusted:
+            if trusted or is_damaged_file_error(err):
                 raise
             raise _unsafe_checkpoint(path, local, _torch_refusal(err)) from err
 
@@ -309,7 +310,7 @@ def _read_pickle_checkpoint(path: str) -> Mapping:
     """Read a plain-pickle checkpoint (Detectron2/Caffe2 model zoo ``.pkl``) with `_DataUnpickler`,
     or with full pickle when the user trusts the file (`TRUST_ENV`)."""
     local = _local_checkpoint(path)
-    with open(local, "rb") as f:
+    with reading_checkpoint(local), open(local, "rb") as f:
         if _trusted(path, local):
             logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
             return pickle.load(f, encoding="latin1")
@@ -442,7 +443,8 @@ class HieraCheckpointer(DetectionCheckpointer):
         elif filename.endswith(".pyth"):
             loaded = _pycls_content(filename, _read_checkpoint(filename))
         else:  # torch files: through _torch_load; Detectron2 handles the URL query
-            loaded = super()._load_file(filename)
+            with reading_checkpoint(filename):  # a truncated .pth: an error naming the file
+                loaded = super()._load_file(filename)
         return self._fit_hiera(filename, loaded)
 
     def _model_zoo_content(self, data: Mapping) -> dict:

@@ -38,6 +38,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .checkpoint import HieraCheckpointer
+from .checkpoint_download import fetch_checkpoint
 from .config_check import load_config
 from .data.images import as_uint8_image, read_image_any
 
@@ -89,7 +90,12 @@ def read_test_datasets(lazy) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> CfgNode:
+def predictor_cfg(
+    config_file: str,
+    weights: str,
+    opts: Sequence[str] = (),
+    local_hint: str = "predictor_cfg(config_file, '/path/to/file')",
+) -> CfgNode:
     """A yacs config for `DefaultPredictor` that runs the model of a LazyConfig.
 
     Args:
@@ -97,19 +103,27 @@ def predictor_cfg(config_file: str, weights: str, opts: Sequence[str] = ()) -> C
         weights: a detector checkpoint (path or URL), e.g. ``output/model_final.pth``.
         opts: LazyConfig overrides, ``["key=value", ...]``, as on train_net.py's command line,
             checked by `hiera_det.config_check.load_config`.
+        local_hint: how the caller's user gives a local file instead of a URL that cannot be
+            downloaded (ends `CheckpointUnavailableError`'s message), e.g. ``--weights PATH``.
     Returns:
         A frozen `CfgNode`: ``MODEL.META_ARCHITECTURE="LazyConfigModel"``, ``MODEL.WEIGHTS``,
         ``MODEL.DEVICE`` (cuda if available), ``INPUT.FORMAT`` and ``INPUT.{MIN,MAX}_SIZE_TEST``
         from the LazyConfig's model and test loader, ``DATASETS.TEST`` (for metadata),
         ``LAZY_CONFIG.{FILE,OPTS}``.
     Raises:
-        FileNotFoundError: no such weights or config file.
+        FileNotFoundError: no such weights or config file; `CheckpointUnavailableError` (a
+            FileNotFoundError) for a URL that cannot be downloaded and is not cached.
+        CheckpointVerificationError, CorruptCheckpointError: a cached file that is not the
+            published one; a truncated or corrupt weights file.
         ConfigOverrideError: an override names an unknown key or has a wrong type.
     """
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
     lazy = load_config(config_file, opts)  # fails on unknown keys and wrong types
     short, longest = read_test_resize(lazy, config_file)
+    # A URL is downloaded (verified) now, so that building the predictor finds it in the cache;
+    # a truncated local file is named now, not by DetectionCheckpointer's zip/pickle traceback.
+    fetch_checkpoint(weights, local_hint=local_hint)
 
     cfg = get_cfg()
     cfg.LAZY_CONFIG = CfgNode({"FILE": os.path.abspath(config_file), "OPTS": list(opts)})

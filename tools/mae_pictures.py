@@ -20,6 +20,8 @@ import hiera_det.utils.third_party  # noqa: F401
 
 import argparse
 import logging
+import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +29,12 @@ from detectron2.config import instantiate
 from detectron2.utils.logger import setup_logger
 
 from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.checkpoint_download import (
+    CheckpointUnavailableError,
+    CheckpointVerificationError,
+    CorruptCheckpointError,
+    fetch_checkpoint,
+)
 from hiera_det.config_check import load_config
 from hiera_det.mae.pictures import load_images, render_reconstructions, save_png
 
@@ -51,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     setup_logger(name="hiera_det")
     cfg = load_config(args.config_file, args.opts)
+    # Before building anything: a URL that cannot be downloaded, a truncated file.
+    fetch_checkpoint(args.checkpoint, local_hint="--checkpoint /path/to/file")
     model = instantiate(cfg.model).to(args.device)
     # strict: a checkpoint that leaves part of the MAE at initialisation would draw noise.
     HieraCheckpointer(model, strict=True).load(args.checkpoint)
@@ -64,4 +74,8 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointUnavailableError, CheckpointVerificationError, CorruptCheckpointError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(1)
