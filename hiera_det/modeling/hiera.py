@@ -123,9 +123,7 @@ def spread_global_blocks(stages: Sequence[int], num: int) -> list[int]:
     return [first + round(length * (k + 1) / num) - 1 for k in range(num)]
 
 
-def build_hiera(
-    size: str, num_global_blocks: int = 0, layout: str = "official", **kwargs
-) -> Hiera:
+def build_hiera(size: str, num_global_blocks: int = 0, layout: str = "official", **kwargs) -> Hiera:
     """Build a Hiera of a named size of a named layout; `kwargs` override anything.
 
     `layout` picks the table of sizes (`HIERA_LAYOUTS`): "official" (`HIERA_SIZES`, the paper's
