@@ -179,3 +179,15 @@ def test_timm_abswin_small_matches(img, arch):
     assert all(k.startswith("head.") for k in report.dropped)
     torch.manual_seed(1)
     assert_stages_match(ours, ref, torch.randn(1, 3, img, img))
+
+
+def test_abswin_override_of_the_small_config_loads_timm_weights():
+    """README's way to start from timm's abswin weights: the paper's Hiera-S config with
+    ``layout=timm_abswin`` (its detection windows kept) takes the whole timm state dict."""
+    cfg = LazyConfig.load(str(CONFIGS.parent / "mask_rcnn_hiera_s.py"))
+    overrides = ["layout=timm_abswin", "embed_dim=16"]
+    cfg = LazyConfig.apply_overrides(cfg, [f"model.backbone.bottom_up.{o}" for o in overrides])
+    ours = instantiate(cfg.model.backbone.bottom_up)
+    ref = timm.create_model("hiera_small_abswin_256", pretrained=False, embed_dim=16)
+    report = load_hiera_checkpoint(ours, ref.state_dict())
+    assert report.missing == [] and report.unexpected == [] and report.resized == []
