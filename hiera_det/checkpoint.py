@@ -52,6 +52,17 @@ logger = logging.getLogger(__name__)
 _BACKBONE_ROOTS = ("pos_embed", "pos_embed_win", "patch_embed", "blocks", "out_norms")
 _ANCHOR = "blocks.0.attn.qkv.weight"  # present in every Hiera, whatever wraps it
 _POS_TABLES = ("pos_embed", "pos_embed_win")
+# Other names of our backbone tensors: timm's older `pos_embed_abs`; SAM 2's trunk (Meta's files and
+# timm's `sam2_hiera_*`) names the window table `pos_embed_window`, and Meta's files name the MLP
+# `mlp.layers.0/1` (SAM 2's own MLP class) where timm and we have `mlp.fc1/fc2`.
+_RENAMED_ROOTS = {"pos_embed_abs": "pos_embed", "pos_embed_window": "pos_embed_win"}
+_SAM2_MLP = re.compile(r"^(blocks\.\d+\.mlp)\.layers\.([01])\.")
+
+
+def _backbone_name(name: str) -> str:
+    """A backbone tensor's name in any supported checkpoint -> our name for it."""
+    name = _RENAMED_ROOTS.get(name, name)
+    return _SAM2_MLP.sub(lambda m: f"{m.group(1)}.fc{int(m.group(2)) + 1}.", name)
 
 
 class CheckpointMismatchError(ValueError):
@@ -113,12 +124,11 @@ def split_hiera_checkpoint(checkpoint: Mapping) -> tuple[dict[str, Tensor], list
             f"no Hiera weights found: the checkpoint has no '{_ANCHOR}' (or '<prefix>.{_ANCHOR}') "
             f"among its {len(state)} keys (first few: {list(state)[:5]})"
         )
-    prefix = min(anchors, key=len)[: -len(_ANCHOR)]  # e.g. "", "encoder.", "backbone.bottom_up."
+    # e.g. "", "encoder.", "backbone.bottom_up.", "image_encoder.trunk." (SAM 2)
+    prefix = min(anchors, key=len)[: -len(_ANCHOR)]
     kept, dropped = {}, []
     for key, value in state.items():
-        name = key[len(prefix) :] if key.startswith(prefix) else None
-        if name == "pos_embed_abs":  # older timm name
-            name = "pos_embed"
+        name = _backbone_name(key[len(prefix) :]) if key.startswith(prefix) else None
         if name is not None and name.split(".")[0] in _BACKBONE_ROOTS:
             kept[name] = value
         else:
@@ -130,9 +140,12 @@ def convert_hiera_checkpoint(checkpoint: Mapping) -> dict[str, Tensor]:
     """Return the backbone state dict inside any supported Hiera checkpoint's content.
 
     Accepts the official files (``{"model_state": sd}`` or flat, fine-tuned or MAE), timm state
-    dicts, and Detectron2-style ``{"model": sd}`` files from our MAE trainer (``encoder.`` prefix)
-    or detector (``backbone.bottom_up.`` prefix). Head, final norm and decoder tensors are dropped;
-    position tables are kept at their stored size.
+    dicts (``hiera_*``, ``hiera_*_abswin_*``, ``sam2_hiera_*``), SAM 2 / SAM 2.1 checkpoints as
+    Meta publishes them (``{"model": sd}``, the trunk under ``image_encoder.trunk.``), and
+    Detectron2-style ``{"model": sd}`` files from our MAE trainer (``encoder.`` prefix) or detector
+    (``backbone.bottom_up.`` prefix). Names are brought to ours (SAM 2's ``pos_embed_window`` and
+    ``mlp.layers.0/1``); head, final norm, decoder and the rest of SAM 2 (neck, memory, mask
+    decoder) are dropped; position tables are kept at their stored size.
     """
     return split_hiera_checkpoint(checkpoint)[0]
 
@@ -149,8 +162,9 @@ def convert_mae_checkpoint(official: Mapping) -> dict[str, Tensor]:
     return {**{f"encoder.{k}": v for k, v in encoder.items()}, **{k: state[k] for k in others}}
 
 
-def _pos_table_to(table: Tensor, target: Tensor) -> Tensor:
-    """Bring a stored position table to the layout and grid of the model's table."""
+def _pos_table_to(table: Tensor, target: Tensor, antialias: bool) -> Tensor:
+    """Bring a stored position table to the layout and grid of the model's table; a
+    ``[1, C, h, w]`` table is resized with `antialias` (the model's own way of resizing it)."""
     if table.dim() == 3 and target.dim() == 4:  # official [1, N, C] -> timm [1, C, h, w]
         side = int(table.shape[1] ** 0.5)
         table = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
@@ -159,7 +173,7 @@ def _pos_table_to(table: Tensor, target: Tensor) -> Tensor:
     if target.dim() == 3:
         side = int(target.shape[1] ** 0.5)
         return resize_pos_embed(table, (side, side), antialias=False)
-    return resize_pos_embed(table, tuple(target.shape[-2:]), antialias=True)
+    return resize_pos_embed(table, tuple(target.shape[-2:]), antialias=antialias)
 
 
 def _describe_architecture(state: Mapping[str, Tensor]) -> str:
@@ -168,7 +182,14 @@ def _describe_architecture(state: Mapping[str, Tensor]) -> str:
     if not blocks or "patch_embed.proj.weight" not in state:
         return "an unknown architecture"
     depth = max(blocks) + 1
-    transitions = sorted(i for i in blocks if f"blocks.{i}.proj.weight" in state)
+    # A transition block widens: its norm2 is wider than its norm1 (with or without `proj`).
+    transitions = sorted(
+        i
+        for i in blocks
+        if f"blocks.{i}.norm1.weight" in state
+        and f"blocks.{i}.norm2.weight" in state
+        and state[f"blocks.{i}.norm1.weight"].shape != state[f"blocks.{i}.norm2.weight"].shape
+    )
     bounds = [0, *transitions, depth]
     stages = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     embed_dim = state["patch_embed.proj.weight"].shape[0]
@@ -191,7 +212,7 @@ def adapt_hiera_state_dict(
         target = own[key]
         if value.shape != target.shape:
             if key in _POS_TABLES:
-                value = _pos_table_to(value, target)
+                value = _pos_table_to(value, target, model.pos_embed_type == "abs_win")
                 report.resized.append(f"{key}: {tuple(state[key].shape)} -> {tuple(value.shape)}")
             if value.shape != target.shape:
                 mismatched.append(

@@ -12,7 +12,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from hiera_det.data.datasets import apply_dataset_config
-from hiera_det.modeling import HIERA_SIZES, Hiera, build_hiera
+from hiera_det.modeling import HIERA_SIZES, SAM2_HIERA_SIZES, Hiera, build_hiera
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -27,10 +27,20 @@ RECIPES = {
     "h": ("huge", 0.5, 3e-5),
 }
 TABLE_10_PARAMS = {"b": 73e6, "b_plus": 92e6, "l": 236e6}
+# configs/sam2: suffix -> (SAM 2 size, drop path, lr): the same per-size values as above.
+SAM2_RECIPES = {
+    "sam2/t": ("tiny", 0.1, 3.5e-5),
+    "sam2/s": ("small", 0.1, 3.5e-5),
+    "sam2/b_plus": ("base_plus", 0.2, 3.5e-5),
+    "sam2/l": ("large", 0.4, 3e-5),
+}
+SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{}.pt"
 
 
 def load(suffix: str, overrides=()):
-    cfg = LazyConfig.load(str(CONFIGS / f"mask_rcnn_hiera_{suffix}.py"))
+    """The config of `suffix`: "b" -> mask_rcnn_hiera_b.py, "sam2/b_plus" -> sam2/..._b_plus.py."""
+    folder, _, suffix = suffix.rpartition("/")
+    cfg = LazyConfig.load(str(CONFIGS / folder / f"mask_rcnn_hiera_{suffix}.py"))
     return LazyConfig.apply_overrides(cfg, list(overrides))
 
 
@@ -43,6 +53,28 @@ def test_one_config_per_size():
     found = {p.stem.removeprefix("mask_rcnn_hiera_") for p in CONFIGS.glob("mask_rcnn_hiera_*.py")}
     assert found == set(RECIPES)
     assert {size for size, _, _ in RECIPES.values()} == set(HIERA_SIZES)
+    sam2 = {f"sam2/{p.stem.removeprefix('mask_rcnn_hiera_')}" for p in CONFIGS.glob("sam2/mask_*")}
+    assert sam2 == set(SAM2_RECIPES)
+    assert {size for size, _, _ in SAM2_RECIPES.values()} == set(SAM2_HIERA_SIZES)
+
+
+@pytest.mark.parametrize("suffix", SAM2_RECIPES)
+def test_sam2_recipe(suffix, monkeypatch):
+    """The paper's detector and schedule (as the MAE configs) on SAM 2's trunk, SAM 2.1 weights."""
+    size, drop_path, lr = SAM2_RECIPES[suffix]
+    cfg, paper = load(suffix), load("b")
+    hiera = cfg.model.backbone.bottom_up
+    assert (hiera.size, hiera.layout, hiera.drop_path_rate, cfg.optimizer.lr) == (
+        size, "sam2", drop_path, lr
+    )  # fmt: skip
+    assert cfg.train.init_checkpoint == SAM2_URL.format(size)
+    args = hiera_arguments(hiera, monkeypatch)
+    assert {k: args[k] for k in SAM2_HIERA_SIZES[size]} == SAM2_HIERA_SIZES[size]
+    for part in ("dataloader", "lr_multiplier"):
+        assert LazyConfig.to_py(cfg[part]) == LazyConfig.to_py(paper[part]), part
+    assert cfg.train.max_iter == paper.train.max_iter
+    paper.model.backbone.bottom_up = cfg.model.backbone.bottom_up  # all but the backbone: same
+    assert LazyConfig.to_py(cfg.model) == LazyConfig.to_py(paper.model)
 
 
 def hiera_arguments(node, monkeypatch) -> dict:
@@ -129,12 +161,13 @@ def test_parameters_match_table_10(suffix, monkeypatch):
     assert model.backbone.bottom_up.pos_embed.shape[1] == 56 * 56
 
 
-@pytest.mark.parametrize("suffix", RECIPES)
+@pytest.mark.parametrize("suffix", [*RECIPES, *SAM2_RECIPES])
 def test_shrinks_saves_trains_and_predicts(suffix, tiny_coco, tmp_path):
     cfg = load(suffix, shrink_overrides(128))
+    name = f"tiny_cfg_{suffix.replace('/', '_')}"
     cfg.dataset = {
-        "train": [f"tiny_cfg_{suffix}", tiny_coco.json_file, tiny_coco.image_root],
-        "test": [f"tiny_cfg_{suffix}", tiny_coco.json_file, tiny_coco.image_root],
+        "train": [name, tiny_coco.json_file, tiny_coco.image_root],
+        "test": [name, tiny_coco.json_file, tiny_coco.image_root],
     }
     apply_dataset_config(cfg)
     assert cfg.model.roi_heads.num_classes == tiny_coco.num_classes

@@ -1,8 +1,9 @@
 """The detection layout of the Hiera backbone against independent references.
 
-* Windows (zero-padded at the border), global blocks and the "abs_win" position embedding: timm's
-  `HieraDet` (`timm.models.hieradet_sam2`, the SAM 2 trunk; SPEC.md section 5 gives the mapping:
-  windows of (8, 4, 14, 7) tokens = (1, 1, 7, 7) mask units, no attention mask).
+* Windows (zero-padded at the border), global blocks and SAM 2's position embedding
+  (``pos_embed_type="sam2"``): timm's `HieraDet` (`timm.models.hieradet_sam2`, the SAM 2 trunk;
+  SPEC.md section 5 gives the mapping: windows of (8, 4, 14, 7) tokens = (1, 1, 7, 7) mask units,
+  no attention mask). `tests/test_sam2.py` does the same through the SAM 2 configs and files.
 * The "abs_win" table on its own: timm's `Hiera` with ``abs_win_pos_embed=True`` (which resizes the
   background table with antialias, as ours does by default).
 * The official "abs" table resized to the input: Detectron2's ViT `get_abs_pos` and timm's
@@ -21,7 +22,6 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.hiera import Hiera as TimmHiera
 from timm.models.hieradet_sam2 import HieraDet
 
-import hiera_det.modeling.hiera as hiera_module
 from hiera_det.modeling import Hiera
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -43,7 +43,7 @@ def sam2_pair(arch: dict, global_blocks: tuple[int, ...]) -> tuple[HieraDet, Hie
         global_pos_size=(7, 7), **arch,
     ).eval()  # fmt: skip
     ours = Hiera(
-        pos_embed_type="abs_win", pos_embed_global_size=(7, 7), stage_windows=(1, 1, 7, 7),
+        pos_embed_type="sam2", pos_embed_global_size=(7, 7), stage_windows=(1, 1, 7, 7),
         global_blocks=global_blocks, **arch,
     ).eval()  # fmt: skip
     state = {k.replace("pos_embed_window", "pos_embed_win"): v for k, v in ref.state_dict().items()}
@@ -51,16 +51,6 @@ def sam2_pair(arch: dict, global_blocks: tuple[int, ...]) -> tuple[HieraDet, Hie
     assert extra <= {"head.norm.weight", "head.norm.bias"}  # timm's classifier norm
     ours.load_state_dict({k: v for k, v in state.items() if k in ours.state_dict()}, strict=True)
     return ref, ours
-
-
-def resize_as_sam2(monkeypatch) -> None:
-    """SAM 2 resizes its background table bicubically *without* antialias; ours uses antialias
-    for "abs_win" (as timm's Hiera does). Make ours resize the SAM 2 way, through our own
-    `resize_pos_embed` (so its interpolation is still what is tested)."""
-    original = hiera_module.resize_pos_embed
-    monkeypatch.setattr(
-        hiera_module, "resize_pos_embed", lambda table, size, antialias=False: original(table, size)
-    )
 
 
 def assert_stages_match(ours: Hiera, ref: HieraDet, x: torch.Tensor, atol: float) -> None:
@@ -75,35 +65,31 @@ def assert_stages_match(ours: Hiera, ref: HieraDet, x: torch.Tensor, atol: float
 
 
 @pytest.mark.parametrize("hw", [(416, 288), (288, 480)])
-def test_windows_and_global_blocks_match_sam2_hieradet(hw, monkeypatch):
+def test_windows_and_global_blocks_match_sam2_hieradet(hw):
     """13x9 / 9x15 mask units: stage-3 windows of 14 tokens and stage-4 windows of 7 tokens do not
     tile the grid, so both directions are zero-padded. Measured agreement: about 4e-7."""
     ref, ours = sam2_pair(SMALL, SMALL_GLOBAL)
-    resize_as_sam2(monkeypatch)
     assert_stages_match(ours, ref, torch.randn(1, 3, *hw), atol=1e-5)
 
 
-def test_tiny_layout_at_1024_matches_sam2_hieradet(monkeypatch):
+def test_tiny_layout_at_1024_matches_sam2_hieradet():
     """SAM 2 Hiera-T's blocks, windows and global blocks at the detection resolution (32x32 units;
     7-unit windows pad to 35)."""
     ref, ours = sam2_pair(TINY, TINY_GLOBAL)
-    resize_as_sam2(monkeypatch)
     torch.manual_seed(1)
     assert_stages_match(ours, ref, torch.randn(1, 3, 1024, 1024), atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ours resizes the abs_win background table with antialias (timm Hiera's way); SAM 2 "
-    "resizes it without, a 7e-3 difference at 1024 px; an antialias option is being added to "
-    "resize_pos_embed / Hiera",
-)
-def test_abs_win_table_matches_sam2_without_patching():
+@pytest.mark.parametrize("grid", [(256, 256), (192, 256)])
+def test_abs_win_table_matches_sam2_without_patching(grid):
+    """``pos_embed_type="sam2"`` resizes the background without antialias, as SAM 2 does; timm's
+    Hiera's way ("abs_win", with antialias) differs from it, so the option is what matters."""
     ref, ours = sam2_pair(SMALL, SMALL_GLOBAL)
-    grid = (256, 256)
     with torch.no_grad():
         expected = ref._pos_embed(torch.zeros(1, *grid, SMALL["embed_dim"]))
         torch.testing.assert_close(ours.get_pos_embed(grid), expected, atol=1e-6, rtol=0)
+        ours.pos_embed_type = "abs_win"
+        assert (ours.get_pos_embed(grid) - expected).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("img_size", [(1024, 1024), (768, 1024), (1024, 640)])

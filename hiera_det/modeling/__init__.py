@@ -1,7 +1,10 @@
 """Models: the Hiera backbone and the detector parts built on it (MAE lives in `hiera_det.mae`)."""
 
 from .hiera import (
+    HIERA_LAYOUTS,
     HIERA_SIZES,
+    SAM2_HIERA_SIZES,
+    TIMM_ABSWIN_HIERA_SIZES,
     Hiera,
     HieraBlock,
     MaskUnitAttention,
@@ -12,7 +15,10 @@ from .hiera import (
 )
 
 __all__ = [
+    "HIERA_LAYOUTS",
     "HIERA_SIZES",
+    "SAM2_HIERA_SIZES",
+    "TIMM_ABSWIN_HIERA_SIZES",
     "Hiera",
     "HieraBlock",
     "MaskUnitAttention",

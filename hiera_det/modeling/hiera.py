@@ -11,7 +11,10 @@ stages 3-4 attend globally. With default arguments this module computes exactly 
   forward does not use (no `norm`/`head`), so it is safe under DDP;
 * offers what detection at 1024 px needs, all off by default: windowed attention for later stages
   with chosen global blocks (ViTDet/SAM2 style), per-stage output LayerNorms, an "abs_win" position
-  embedding, activation checkpointing, and `scaled_dot_product_attention`.
+  embedding, activation checkpointing, and `scaled_dot_product_attention`;
+* also computes SAM 2's image-encoder trunk ("HieraDet") and timm's ``hiera_*_abswin_*`` models
+  (LayerScale, a stage transition without ``proj``): `SAM2_HIERA_SIZES`,
+  `TIMM_ABSWIN_HIERA_SIZES`, and `build_hiera(size, layout=...)` to build one by name.
 
 Token layout. Tokens are kept as ``[B, U, T, C]``: ``U`` mask units in row-major order over the
 unit grid, ``T`` tokens per unit in *unrolled* order. Unrolling (the official trick) orders the
@@ -30,11 +33,20 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from detectron2.modeling import Backbone
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resample_abs_pos_embed_nhwc
+from timm.layers import (
+    DropPath,
+    LayerScale,
+    Mlp,
+    resample_abs_pos_embed,
+    resample_abs_pos_embed_nhwc,
+)
 from torch import Tensor, nn
 
 __all__ = [
+    "HIERA_LAYOUTS",
     "HIERA_SIZES",
+    "SAM2_HIERA_SIZES",
+    "TIMM_ABSWIN_HIERA_SIZES",
     "Hiera",
     "HieraBlock",
     "MaskUnitAttention",
@@ -55,6 +67,51 @@ HIERA_SIZES: dict[str, dict] = {
     "huge": dict(embed_dim=256, num_heads=4, stages=(2, 6, 36, 4)),
 }
 
+# SAM 2's image-encoder trunks (`sam2/modeling/backbones/hieradet.py`; timm's `sam2_hiera_*`):
+# the paper's widths and depths, windowed attention in every stage (SAM 2's windows of 8, 4, 14, 7
+# tokens are 1, 1, 7, 7 mask units; L: 8, 4, 16, 8 tokens = 1, 1, 8, 8 units), a few global
+# blocks, and SAM 2's position embedding (a small background table resized without antialias plus
+# an 8x8 window table tiled). The names are those of Meta's checkpoint files.
+SAM2_HIERA_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        **HIERA_SIZES["tiny"], stage_windows=(1, 1, 7, 7), global_blocks=(5, 7, 9),
+        pos_embed_type="sam2", pos_embed_global_size=(7, 7),
+    ),
+    "small": dict(
+        **HIERA_SIZES["small"], stage_windows=(1, 1, 7, 7), global_blocks=(7, 10, 13),
+        pos_embed_type="sam2", pos_embed_global_size=(7, 7),
+    ),
+    "base_plus": dict(
+        **HIERA_SIZES["base_plus"], stage_windows=(1, 1, 7, 7), global_blocks=(12, 16, 20),
+        pos_embed_type="sam2", pos_embed_global_size=(14, 14),
+    ),
+    "large": dict(
+        **HIERA_SIZES["large"], stage_windows=(1, 1, 8, 8), global_blocks=(23, 33, 43),
+        pos_embed_type="sam2", pos_embed_global_size=(7, 7),
+    ),
+}  # fmt: skip
+
+# timm's `hiera_small_abswin_256` / `hiera_base_abswin_256` ("Window Attention is Bugged"): the
+# paper's attention layout with an "abs_win" position embedding, LayerScale (1e-5 at init) and, for
+# S, a stage transition whose skip concatenates max- and average-pooled tokens instead of `proj`.
+TIMM_ABSWIN_HIERA_SIZES: dict[str, dict] = {
+    "small": dict(
+        **HIERA_SIZES["small"], pos_embed_type="abs_win", pos_embed_global_size=(16, 16),
+        layer_scale_init=1e-5, transition_proj=False,
+    ),
+    "base": dict(
+        **HIERA_SIZES["base"], pos_embed_type="abs_win", pos_embed_global_size=(14, 14),
+        layer_scale_init=1e-5,
+    ),
+}  # fmt: skip
+
+# `build_hiera`'s `layout` -> its table of named sizes.
+HIERA_LAYOUTS: dict[str, dict[str, dict]] = {
+    "official": HIERA_SIZES,
+    "sam2": SAM2_HIERA_SIZES,
+    "timm_abswin": TIMM_ABSWIN_HIERA_SIZES,
+}
+
 
 def spread_global_blocks(stages: Sequence[int], num: int) -> list[int]:
     """Block indices of `num` global blocks spread over stage 3: the last block of each of `num`
@@ -66,16 +123,24 @@ def spread_global_blocks(stages: Sequence[int], num: int) -> list[int]:
     return [first + round(length * (k + 1) / num) - 1 for k in range(num)]
 
 
-def build_hiera(size: str, num_global_blocks: int = 0, **kwargs) -> Hiera:
-    """Build a Hiera of a named size (a key of `HIERA_SIZES`); `kwargs` override anything.
+def build_hiera(size: str, num_global_blocks: int = 0, layout: str = "official", **kwargs) -> Hiera:
+    """Build a Hiera of a named size of a named layout; `kwargs` override anything.
 
+    `layout` picks the table of sizes (`HIERA_LAYOUTS`): "official" (`HIERA_SIZES`, the paper's
+    models), "sam2" (`SAM2_HIERA_SIZES`, SAM 2's trunks, e.g. ``build_hiera("large",
+    layout="sam2")``) or "timm_abswin" (`TIMM_ABSWIN_HIERA_SIZES`).
     `num_global_blocks` global blocks are spread over stage 3 of the model being built
     (`spread_global_blocks`), unless `global_blocks` names them. They are derived here, when the
     size is known, so that overriding the size (or the stages) moves them with it.
     """
-    if size not in HIERA_SIZES:
-        raise KeyError(f"unknown Hiera size {size!r}; choose one of {sorted(HIERA_SIZES)}")
-    args = {**HIERA_SIZES[size], **kwargs}
+    if layout not in HIERA_LAYOUTS:
+        raise KeyError(f"unknown Hiera layout {layout!r}; choose one of {sorted(HIERA_LAYOUTS)}")
+    sizes = HIERA_LAYOUTS[layout]
+    if size not in sizes:
+        raise KeyError(
+            f"unknown Hiera size {size!r} for layout {layout!r}; choose one of {sorted(sizes)}"
+        )
+    args = {**sizes[size], **kwargs}
     if num_global_blocks and "global_blocks" not in kwargs:
         args["global_blocks"] = spread_global_blocks(args["stages"], num_global_blocks)
     return Hiera(**args)
@@ -135,7 +200,7 @@ def resize_pos_embed(table: Tensor, size: tuple[int, int], *, antialias: bool = 
     ("abs_win"); timm's `resample_abs_pos_embed` / `resample_abs_pos_embed_nhwc` do the work.
     `antialias` changes the bicubic kernel even when upsampling: the official ``[1, N, C]`` table
     is resized without it (as ViTDet does), timm's "abs_win" table with it (as timm does), and
-    SAM 2's table is resized without it.
+    SAM 2's table without it (as SAM 2 does: `Hiera`'s ``pos_embed_type="sam2"``).
     """
     if table.dim() == 3:
         n = table.shape[1]
@@ -249,6 +314,8 @@ class HieraBlock(nn.Module):
         q_stride: int = 1,
         window: int = 0,
         use_sdpa: bool = False,
+        layer_scale_init: float | None = None,
+        transition_proj: bool = True,
     ):
         super().__init__()
         self.dim, self.dim_out, self.q_stride = dim, dim_out, q_stride
@@ -257,16 +324,31 @@ class HieraBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))  # timm's: fc1, GELU, fc2
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        if dim != dim_out:
+        # LayerScale (timm's names ls1/ls2) scales each branch before it joins the residual.
+        scaled = layer_scale_init is not None
+        self.ls1 = LayerScale(dim_out, layer_scale_init) if scaled else nn.Identity()
+        self.ls2 = LayerScale(dim_out, layer_scale_init) if scaled else nn.Identity()
+        self.proj = None
+        if dim != dim_out and transition_proj:
             self.proj = nn.Linear(dim, dim_out)  # skip projection, from the *normed* input
+        elif dim != dim_out and dim_out != 2 * dim:
+            raise ValueError(
+                f"a transition without proj concatenates two pooled copies: width {dim} -> "
+                f"{dim_out} must double"
+            )
 
     def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         x_norm = self.norm1(x)
-        if self.dim != self.dim_out:
-            x = self.proj(x_norm)
-        x = pool_units(x, self.q_stride)
-        x = x + self.drop_path(self.attn(x_norm, grid))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.proj is not None:
+            x = pool_units(self.proj(x_norm), self.q_stride)
+        elif self.dim != self.dim_out:  # timm abswin: [max-pool, avg-pool] of the un-normed input
+            B, U, T, C = x.shape
+            windows = x.view(B, U, self.q_stride, T // self.q_stride, C)
+            x = torch.cat([windows.amax(dim=2), windows.mean(dim=2)], dim=-1)
+        else:
+            x = pool_units(x, self.q_stride)
+        x = x + self.drop_path(self.ls1(self.attn(x_norm, grid)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 def _checked_stage_windows(
@@ -317,9 +399,16 @@ class Hiera(Backbone):
             attention, k = k x k units, 0 = global); overrides `mask_unit_attn` when given.
             As in the official model, a stage's first block uses the previous stage's window.
         global_blocks: block indices that attend globally whatever their stage says.
-        pos_embed_type: "abs" (one table, resized to the input at run time) or "abs_win" (a small
-            global table interpolated plus a mask-unit table tiled; timm's layout).
-        pos_embed_global_size: grid of the global table for "abs_win".
+        pos_embed_type: "abs" (one table, resized to the input at run time), "abs_win" (a small
+            global table interpolated with antialias plus a mask-unit table tiled; timm's Hiera)
+            or "sam2" (the same two tables, the global one interpolated *without* antialias, as
+            SAM 2's trunk does).
+        pos_embed_global_size: grid of the global table for "abs_win" and "sam2".
+        layer_scale_init: LayerScale on both branches of every block, initialised to this value
+            (timm's ``init_values``); None: no LayerScale.
+        transition_proj: a stage transition projects its skip with ``proj`` (the paper's Hiera);
+            False: the skip concatenates the max- and the average-pooled un-normed tokens (timm's
+            ``use_expand_proj=False``; the width must double).
         out_norm: add a LayerNorm on each returned stage.
         use_act_checkpoint: recompute each block in backward (saves memory in training).
         use_sdpa: use `F.scaled_dot_product_attention`.
@@ -335,7 +424,7 @@ class Hiera(Backbone):
             multiples of it.
         in_chans: input channels.
         pretrain_grid: the token grid ``(h, w)`` of `pretrain_img_size` (56x56 at 224 px).
-        pos_embed_type: "abs" or "abs_win".
+        pos_embed_type: "abs", "abs_win" or "sam2".
     """
 
     def __init__(
@@ -361,6 +450,8 @@ class Hiera(Backbone):
         global_blocks: Sequence[int] = (),
         pos_embed_type: str = "abs",
         pos_embed_global_size: Sequence[int] = (14, 14),
+        layer_scale_init: float | None = None,
+        transition_proj: bool = True,
         out_norm: bool = False,
         use_act_checkpoint: bool = False,
         use_sdpa: bool = False,
@@ -374,8 +465,10 @@ class Hiera(Backbone):
         valid = [f"res{i + 2}" for i in range(len(stages))]
         if not out_features or any(f not in valid for f in out_features):
             raise ValueError(f"out_features={tuple(out_features)} must be a subset of {valid}")
-        if pos_embed_type not in ("abs", "abs_win"):
-            raise ValueError(f"pos_embed_type={pos_embed_type!r} must be 'abs' or 'abs_win'")
+        if pos_embed_type not in ("abs", "abs_win", "sam2"):
+            raise ValueError(
+                f"pos_embed_type={pos_embed_type!r} must be 'abs', 'abs_win' or 'sam2'"
+            )
 
         self.q_stride = q_stride
         self.mask_unit_size = tuple(mask_unit_size)
@@ -395,14 +488,16 @@ class Hiera(Backbone):
         )
         if pos_embed_type == "abs":  # official layout [1, h*w, C]
             self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.pretrain_grid), embed_dim))
-        else:  # timm's abs_win layout [1, C, h, w]
+        else:  # timm's and SAM 2's layout [1, C, h, w]
             self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *pos_embed_global_size))
             self.pos_embed_win = nn.Parameter(torch.zeros(1, embed_dim, *mask_unit_size))
 
         self._out_features = list(out_features)
         self._build_blocks(
             stages, q_pool, (embed_dim, num_heads, dim_mul, head_mul, mlp_ratio),
-            drop_path_rate, stage_windows, global_blocks, use_sdpa,
+            drop_path_rate, stage_windows, global_blocks,
+            dict(use_sdpa=use_sdpa, layer_scale_init=layer_scale_init,
+                 transition_proj=transition_proj),
         )  # fmt: skip
         self.out_norms = (
             nn.ModuleDict(
@@ -421,12 +516,13 @@ class Hiera(Backbone):
         drop_path_rate: float,
         stage_windows: Sequence[int],
         global_blocks: Sequence[int],
-        use_sdpa: bool,
+        block_options: dict,
     ) -> None:
         """Build `self.blocks` up to the last stage in `_out_features`, and record per output its
         channels, stride and tap (the block it is read after, and its unroll levels left).
 
-        `widths` is ``(embed_dim, num_heads, dim_mul, head_mul, mlp_ratio)``.
+        `widths` is ``(embed_dim, num_heads, dim_mul, head_mul, mlp_ratio)``; `block_options` go
+        to every `HieraBlock`.
         """
         dim, heads, dim_mul, head_mul, mlp_ratio = widths
         stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
@@ -456,7 +552,7 @@ class Hiera(Backbone):
             if i in global_blocks:
                 window = 0
             self.blocks.append(
-                HieraBlock(dim, dim_out, heads, mlp_ratio, dpr[i], q, window, use_sdpa)
+                HieraBlock(dim, dim_out, heads, mlp_ratio, dpr[i], q, window, **block_options)
             )
             dim = dim_out
             name = f"res{stage + 2}"
@@ -467,7 +563,7 @@ class Hiera(Backbone):
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.pos_embed_type == "abs_win":
+        if self.pos_embed_type != "abs":
             nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
         for m in self.modules():  # the official initialisation (biases 0.02)
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -493,7 +589,8 @@ class Hiera(Backbone):
             return resize_pos_embed(self.pos_embed, (h, w), antialias=False).view(1, h, w, -1)
         my, mx = self.mask_unit_size
         win = self.pos_embed_win.tile(1, 1, h // my, w // mx)
-        glob = resize_pos_embed(self.pos_embed, (h, w), antialias=True)  # as timm
+        antialias = self.pos_embed_type == "abs_win"  # as timm's Hiera; SAM 2 resizes without
+        glob = resize_pos_embed(self.pos_embed, (h, w), antialias=antialias)
         return (glob + win).permute(0, 2, 3, 1)
 
     def forward_units(self, images: Tensor, visible: Tensor | None = None) -> dict[str, Tensor]:
