@@ -42,7 +42,12 @@ from hiera_det.config_check import ConfigOverrideError, load_config
 from hiera_det.data.images import BadImageError, read_image_any
 from hiera_det.engine.visualize import draw_predictions
 from hiera_det.export import OnnxModelError, OnnxPredictor
-from hiera_det.predictor import RobustPredictor, predictor_cfg, read_test_datasets
+from hiera_det.predictor import (
+    RobustPredictor,
+    predictor_cfg,
+    read_test_datasets,
+    score_thresh_overrides,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -97,17 +102,6 @@ def output_path(output_dir: Path, relative: Path) -> Path:
     if not cv2.haveImageWriter(str(path)):
         path = path.with_suffix(path.suffix + ".png")
     return path
-
-
-def score_thresh_overrides(lazy, threshold: float) -> list[str]:
-    """Overrides that set the box predictors' test score threshold (one predictor in Mask R-CNN,
-    one per stage in a cascade), so that the model keeps detections down to `threshold`."""
-    heads = lazy.model.roi_heads
-    if "box_predictors" in heads:
-        keys = [f"box_predictors.{i}" for i in range(len(heads.box_predictors))]
-    else:
-        keys = ["box_predictor"]
-    return [f"model.roi_heads.{key}.test_score_thresh={threshold}" for key in keys]
 
 
 def build_onnx_predictor(args) -> tuple[OnnxPredictor, Metadata]:

@@ -48,6 +48,7 @@ __all__ = [
     "predictor_cfg",
     "read_test_datasets",
     "read_test_resize",
+    "score_thresh_overrides",
 ]
 
 # DefaultPredictor.__init__ builds `DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`, which
@@ -88,6 +89,17 @@ def read_test_datasets(lazy) -> tuple[str, ...]:
     """The names of the test loader's datasets (for their metadata, e.g. class names)."""
     names = lazy.dataloader.test.dataset.get("names", ())
     return (names,) if isinstance(names, str) else tuple(names)
+
+
+def score_thresh_overrides(lazy, threshold: float) -> list[str]:
+    """Overrides that set the box predictors' test score threshold (one predictor in Mask R-CNN,
+    one per stage in a cascade), so that the model keeps detections down to `threshold`."""
+    heads = lazy.model.roi_heads
+    if "box_predictors" in heads:
+        keys = [f"box_predictors.{i}" for i in range(len(heads.box_predictors))]
+    else:
+        keys = ["box_predictor"]
+    return [f"model.roi_heads.{key}.test_score_thresh={threshold}" for key in keys]
 
 
 def predictor_cfg(

@@ -152,17 +152,6 @@ def train_step(model) -> None:
 ONNX_PREFIX = "onnx:"
 
 
-def zero_score_thresh_overrides(cfg) -> list[str]:
-    """Config overrides with the same effect as `zero_score_thresh` on the built model (Mask R-CNN
-    or Cascade), for a model that is exported rather than built here."""
-    heads = cfg.model.roi_heads
-    if "box_predictors" in heads:
-        names = [f"box_predictors.{k}" for k in range(len(heads.box_predictors))]
-    else:
-        names = ["box_predictor"]
-    return [f"model.roi_heads.{name}.test_score_thresh=0.0" for name in names]
-
-
 def onnx_worker(args, config_file: str) -> dict:
     """Export `config_file` (random weights) with tools/export_model.py in a subprocess, then time
     `OnnxPredictor` (ONNX Runtime, CPU) on the benchmark image; no PyTorch model in this process."""
@@ -171,10 +160,11 @@ def onnx_worker(args, config_file: str) -> dict:
     import numpy as np
 
     from hiera_det.export import OnnxPredictor
+    from hiera_det.predictor import score_thresh_overrides
 
     if args.task != "inference" or args.batch != 1:
         raise SystemExit("--onnx measures --task inference at --batch 1")
-    opts = [*args.opts, *zero_score_thresh_overrides(load_model_config(config_file, args.opts))]
+    opts = [*args.opts, *score_thresh_overrides(load_model_config(config_file, args.opts), 0.0)]
     opts.append("train.init_checkpoint=")
     with tempfile.TemporaryDirectory(prefix="benchmark_onnx_") as out:  # ~300 MB for B
         tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_model.py")
