@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_script, shrink_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +131,49 @@ def test_hiera_b_detector_has_the_papers_parameter_count():
     model = instantiate(load_config(str(ROOT / "configs/mask_rcnn_hiera_b.py")).model)
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e6) == 73, params
+
+
+def test_matmul_peak_shrinks_the_product_for_a_dtype_without_fast_kernels(monkeypatch):
+    """bf16 on a CPU without AVX-512-BF16/AMX runs near 1 GFLOP/s: 2048^3 would take minutes."""
+    benchmark = load_benchmark()
+    sizes = []
+
+    def slow_product(dtype, device, n):
+        sizes.append(n)
+        return 2 * n**3 / 1e9  # 1 GFLOP/s at every size
+
+    monkeypatch.setattr(benchmark, "_product_seconds", slow_product)
+    gflops, n = benchmark.matmul_peak(torch.bfloat16, "cpu", reps=3)
+    assert (n, sizes) == (256, [256] * 4) and gflops == pytest.approx(1.0)
+    monkeypatch.setattr(benchmark, "_product_seconds", lambda dtype, device, n: 2 * n**3 / 100e9)
+    assert benchmark.matmul_peak(torch.float32, "cpu", reps=3) == (pytest.approx(100.0), 2048)
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_matmul_is_warned_about(monkeypatch, capsys, has_bf16):
+    benchmark = load_benchmark()
+    monkeypatch.setattr(benchmark, "cpu_has_bf16_matmul", lambda: has_bf16)
+    benchmark.warn_slow_bf16("cpu", ["fp32", "bf16"])
+    benchmark.warn_slow_bf16("cpu", ["fp32"])
+    err = capsys.readouterr().err
+    assert ("no bf16 matrix instructions" in err) is not has_bf16
+    assert err.count("warning") == (0 if has_bf16 else 1)
+
+
+def test_profile_detector_charges_operators_to_the_parts_of_the_model():
+    config = "configs/mask_rcnn_hiera_t.py"
+    run = run_tool(
+        "tools/profile_detector.py", "--config-file", config, "--size=128", "--warmup=0",
+        "--top=3", "--opts", *shrink_overrides(128),
+    )  # fmt: skip
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"{config}, fp32, 128 px, batch 1")
+    start = lines.index("| part | ms | share |") + 2
+    end = next(i for i, line in enumerate(lines) if line.startswith("| total"))
+    table = [line.strip("| ").split(" | ") for line in lines[start:end]]
+    rows = {cells[0]: cells for cells in table}
+    parts = ["backbone trunk", "FPN", "RPN", "RoI box head", "RoI mask head (+ mask inference)"]
+    assert set(parts) <= set(rows), rows
+    assert sum(float(cells[2].rstrip("%")) for cells in rows.values()) == pytest.approx(100, abs=1)
+    trunk = lines.index("backbone trunk:")
+    assert any(line.startswith("| `aten::addmm` |") for line in lines[trunk : trunk + 8])

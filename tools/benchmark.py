@@ -16,10 +16,13 @@ name: `vitdet_b` / `vitdet_l` (Detectron2's ViTDet Mask R-CNN from its bundled
 `--opts` overrides apply to every config-file model.
 
 Measured: latency after `--warmup` iterations (median/min/max of `--iters`; on CUDA every
-iteration ends with `torch.cuda.synchronize()`, so the host clock spans the GPU work), throughput
+iteration ends with `torch.cuda.synchronize()`, so the host clock spans the GPU work), the first
+warm-up iteration's time ("first s": it includes one-time work, such as the compilation of a
+config with `model.backbone.bottom_up.compile=True`), throughput
 (images/s), peak memory (CUDA: max allocated; CPU: peak resident set size of the process and its
 growth over the built model), FLOPs with `--flops` (fvcore, one multiply-add = one FLOP, attention
-counted; `hiera_det.utils.flops`) and, with `--peak`, this machine's matmul throughput for context.
+counted; `hiera_det.utils.flops`) and, with `--peak`, this machine's fp32 and bf16 matmul throughput
+for context (a CPU without bf16 matrix instructions gets a warning when bf16 is asked for).
 With `--onnx` (inference), the first model is also exported by tools/export_model.py (random
 weights) and `hiera_det.export.OnnxPredictor` (ONNX Runtime, CPU) is timed on the same image in
 its own subprocess, as the row `onnx:<config>`, followed by the export time and the export's check.
@@ -239,8 +242,12 @@ def measure(args, run, device: str, dtype_name: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
+    first_s = None
+    for i in range(args.warmup):
+        start = time.perf_counter()
         step()
+        if i == 0:  # includes one-time work: torch.compile's compilation, oneDNN's kernel setup
+            first_s = time.perf_counter() - start
     base = rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -249,7 +256,7 @@ def measure(args, run, device: str, dtype_name: str) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    result = {"dtype": dtype_name}
+    result = {"dtype": dtype_name, "first_s": first_s}
     if device == "cuda":
         result["peak_mem_MB"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -266,19 +273,46 @@ MATMUL_N = 2048
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int = MATMUL_N, reps: int = 5) -> float:
-    """GFLOP/s of an n x n x n matrix product on `device` (median of `reps`)."""
+def matmul_peak(dtype: torch.dtype, device: str, n: int = MATMUL_N, reps: int = 5):
+    """``(GFLOP/s, n)`` of an n x n x n matrix product on `device` (median of `reps`).
+
+    A dtype this machine has no fast kernel for (bf16 on a CPU without AVX-512-BF16 or AMX runs
+    about 1 GFLOP/s) is measured at n = 256 instead: 2048^3 would take minutes.
+    """
+    if 2 * 256**3 / _product_seconds(dtype, device, 256) < 10e9:  # under 10 GFLOP/s at 256^3
+        n = 256
+    times = [_product_seconds(dtype, device, n) for _ in range(reps)]
+    return 2 * n**3 / statistics.median(times) / 1e9, n
+
+
+def _product_seconds(dtype: torch.dtype, device: str, n: int) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    times = []
-    for i in range(reps + 1):  # the first product is a warm-up
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    a @ b  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether oneDNN finds bf16 matrix instructions (AVX-512-BF16 or AMX) on this CPU."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_slow_bf16(device: str, dtypes: list[str]) -> None:
+    """bf16 on a CPU without bf16 matrix instructions is far slower than fp32: say so up front."""
+    if device == "cpu" and "bf16" in dtypes and not cpu_has_bf16_matmul():
+        print(
+            "warning: this CPU has no bf16 matrix instructions (AVX-512-BF16 or AMX; PyTorch's "
+            f"capability here: {torch.backends.cpu.get_cpu_capability()}), so bf16 matrix "
+            "products run far below fp32 speed (see --peak); bf16 runs will be very slow",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -331,6 +365,7 @@ def main() -> None:
                 load_model_config(spec, args.opts)
             except ConfigOverrideError as e:
                 raise SystemExit(f"{spec}: {e}") from None
+    warn_slow_bf16(args.device, args.dtype)
     results = []  # one dict per (model, dtype)
     for spec in specs:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--model", spec]
@@ -350,6 +385,10 @@ def main() -> None:
     peaks = None
     if args.peak:
         peaks = {name: matmul_peak(t, args.device) for name, t in PEAK_DTYPES.items()}
+        if args.json:
+            with open(args.json, "w") as f:
+                peak_rows = [{"matmul_peak": k, "GFLOPs": g, "n": n} for k, (g, n) in peaks.items()]
+                json.dump(results + peak_rows, f, indent=1)
     for dtype in args.dtype:
         print_table(args, [r for r in results if r["dtype"] == dtype], dtype, peaks)
 
@@ -363,7 +402,8 @@ def print_table(args, results: list[dict], dtype: str, peaks: dict | None) -> No
     )
     first = results[0]
     header = f"{'model':<42}{'params':>9}{'GFLOPs':>9}{'median s':>10}{'min s':>8}{'max s':>8}"
-    header += f"{'img/s':>8}{'peak MB':>9}{'growth MB':>10}{'time ratio':>11}{'mem ratio':>10}"
+    header += f"{'img/s':>8}{'peak MB':>9}{'growth MB':>10}{'first s':>9}"
+    header += f"{'time ratio':>11}{'mem ratio':>10}"
     print(header)
     # Memory ratio: of the growth during the steps (CPU) where the first model has any, else of
     # the peak (CUDA, or a model too small to grow the process).
@@ -372,10 +412,11 @@ def print_table(args, results: list[dict], dtype: str, peaks: dict | None) -> No
         flops = f"{r['flops_G']:.0f}" if "flops_G" in r else "-"
         growth = f"{r['peak_growth_MB']:.0f}" if "peak_growth_MB" in r else "-"
         params = f"{r['params_M']:.1f}M" if "params_M" in r else "-"
+        first_s = f"{r['first_s']:.2f}" if r.get("first_s") is not None else "-"
         print(
             f"{r['model'][-42:]:<42}{params:>9}{flops:>9}{r['median_s']:>10.3f}"
             f"{r['min_s']:>8.3f}{r['max_s']:>8.3f}{r['images_per_s']:>8.2f}"
-            f"{r['peak_mem_MB']:>9.0f}{growth:>10}"
+            f"{r['peak_mem_MB']:>9.0f}{growth:>10}{first_s:>9}"
             f"{r['median_s'] / first['median_s']:>11.2f}"
             f"{r[mem_key] / first[mem_key]:>10.2f}"
         )
@@ -386,11 +427,12 @@ def print_table(args, results: list[dict], dtype: str, peaks: dict | None) -> No
                 f"weights), session {r['session_s']:.1f} s; check vs PyTorch: {r['check']}"
             )
     if peaks:
+        (fp32, n32), (bf16, n16) = peaks["fp32"], peaks["bf16"]
         print(
-            f"matmul peak here ({args.device}): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-            f"bf16 {peaks['bf16']:.0f} GFLOP/s ({MATMUL_N}^3)"
+            f"matmul peak here ({args.device}): fp32 {fp32:.1f} GFLOP/s ({n32}^3), "
+            f"bf16 {bf16:.1f} GFLOP/s ({n16}^3)"
         )
-        peak = peaks["bf16"] if dtype == "bf16" else peaks["fp32"]
+        peak = bf16 if dtype == "bf16" else fp32
         for r in results:
             if "achieved_GFLOPs" in r:
                 print(

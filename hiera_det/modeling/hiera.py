@@ -26,8 +26,10 @@ pretraining simply keeps a subset of units. `unroll` / `reroll` convert from / t
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -351,6 +353,27 @@ class HieraBlock(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
+def _checked_compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """`Hiera`'s `compile` argument as torch.compile keyword arguments (None: stay eager)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, Mapping):
+        known = set(inspect.signature(torch.compile).parameters) - {"model"}
+        unknown = sorted(set(compile) - known)
+        if unknown:
+            raise ValueError(
+                f"compile={dict(compile)!r}: unknown torch.compile argument(s) {unknown}; "
+                f"known: {sorted(known)}"
+            )
+        # plain dicts all the way down: a LazyConfig hands over omegaconf containers
+        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in compile.items()}
+    raise ValueError(
+        f"compile={compile!r} must be True, False or a dict of torch.compile arguments"
+    )
+
+
 def _checked_stage_windows(
     stages: tuple[int, ...],
     q_pool: int,
@@ -412,6 +435,11 @@ class Hiera(Backbone):
         out_norm: add a LayerNorm on each returned stage.
         use_act_checkpoint: recompute each block in backward (saves memory in training).
         use_sdpa: use `F.scaled_dot_product_attention`.
+        compile: run the blocks through `torch.compile` (opt-in; eager is the default and the
+            reference). True for torch.compile's defaults, or a dict of its keyword arguments,
+            e.g. ``{"mode": "max-autotune"}`` or ``{"options": {"freezing": True}}`` (inference
+            only). The stem and the output reroll stay eager; compilation happens at the first
+            call (minutes on a CPU: docs/benchmarks.md) and again for a new input shape.
 
     The public view of the encoder's geometry, for wrappers such as the MAE (besides Detectron2's
     `output_shape()`, `forward_units`, `unroll_levels_left` and `unit_grid`):
@@ -455,6 +483,7 @@ class Hiera(Backbone):
         out_norm: bool = False,
         use_act_checkpoint: bool = False,
         use_sdpa: bool = False,
+        compile: bool | Mapping[str, Any] = False,
     ):
         super().__init__()
         stages, q_stride = tuple(stages), tuple(q_stride)
@@ -481,6 +510,7 @@ class Hiera(Backbone):
         )
         self.pos_embed_type = pos_embed_type
         self.use_act_checkpoint = use_act_checkpoint
+        self._compile_options = _checked_compile_options(compile)
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(
@@ -605,26 +635,46 @@ class Hiera(Backbone):
             order (`reroll` with ``self.unroll_levels_left(name)`` restores spatial order).
         """
         x, grid = self._stem(images, visible)
-        outputs = {}
-        for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, grid)
-            if i in self._taps:
-                outputs[self._taps[i][0]] = x
-        return outputs
+        return dict(zip(self._tap_names(), self._blocks_fn()(x, grid)))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``[B, C, H, W]`` -> ``{"res2": [B, C1, H/4, W/4], ..., "res5": [B, C4, H/32, W/32]}``."""
         x, grid = self._stem(images)
         outputs = {}
+        for (name, levels), y in zip(self._taps.values(), self._blocks_fn()(x, grid)):
+            y = reroll(y, grid, levels, self.q_stride)  # [B, H_s, W_s, C_s]
+            if self.out_norms is not None:
+                y = self.out_norms[name](y)
+            outputs[name] = y.permute(0, 3, 1, 2).contiguous()
+        return outputs
+
+    def _tap_names(self) -> list[str]:
+        return [name for name, _ in self._taps.values()]
+
+    def _run_blocks(self, x: Tensor, grid: tuple[int, int] | None) -> list[Tensor]:
+        """Every block in turn; the unit-layout tokens after each tapped block, in tap order."""
+        taps = []
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, grid)
             if i in self._taps:
-                name, levels = self._taps[i]
-                y = reroll(x, grid, levels, self.q_stride)  # [B, H_s, W_s, C_s]
-                if self.out_norms is not None:
-                    y = self.out_norms[name](y)
-                outputs[name] = y.permute(0, 3, 1, 2).contiguous()
-        return outputs
+                taps.append(x)
+        return taps
+
+    def _blocks_fn(self):
+        """`_run_blocks`, compiled on first use when `compile` was given."""
+        if self._compile_options is None:
+            return self._run_blocks
+        compiled = self.__dict__.get("_compiled_blocks")
+        if compiled is None:
+            compiled = torch.compile(self._run_blocks, **self._compile_options)
+            self.__dict__["_compiled_blocks"] = compiled  # not a submodule: kept out of state
+        return compiled
+
+    def __getstate__(self):
+        """Pickling and deepcopy leave the compiled function out; the copy compiles anew."""
+        state = dict(super().__getstate__())
+        state.pop("_compiled_blocks", None)
+        return state
 
     def unroll_levels_left(self, name: str) -> int:
         """Unroll levels not yet consumed by pooling at the output `name` (for `reroll`)."""
