@@ -2,7 +2,7 @@
 """MAE training-step throughput: ours vs the official `hiera-transformer`, and sparse vs dense.
 
     python tools/benchmark_mae.py --size tiny --batch 8 [--steps 10 --warmup 3 --device cpu] \
-        [--amp fp16|bf16] [--json FILE]
+        [--amp fp16|bf16] [--compile] [--flops] [--json FILE]
 
 A step is forward + backward + AdamW update at 224 px, mask ratio 0.6, the full decoder (8 x 512,
 16 heads), in fp32 or under autocast (`--amp`; fp16 with a `GradScaler`, as MAE trains). Both
@@ -11,7 +11,10 @@ shared machine slows both alike. Printed: the median step time and images/s of e
 the speed-up of sparse pretraining (masked units deleted before the encoder) over running our
 encoder on every unit (same decoder and loss) and, on CUDA, each variant's memory: the largest
 growth of allocated memory during a step over the resting state (weights and optimizer state of
-all variants), and the peak allocated.
+all variants), and the peak allocated. `--compile` adds the variant "ours (sparse, compiled)": the
+same weights with the encoder's `compile=True` (torch.compile of its blocks; its first step, which
+compiles, is reported apart). `--flops` counts one step's FLOPs (forward + backward, two per
+multiply-add, `torch.utils.flop_counter`) and prints each variant's achieved GFLOP/s.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-official", action="store_true", help="only sparse vs dense")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast (default: fp32)")
+    parser.add_argument("--compile", action="store_true", help="also time a compiled encoder")
+    parser.add_argument("--flops", action="store_true", help="count a step's FLOPs")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -87,6 +92,10 @@ def main() -> None:
     torch.manual_seed(0)
     ours = build_mae(args.size, mask_ratio=args.mask_ratio).to(device).train()
     variants = {"ours (sparse)": (step_sparse, ours), "ours (dense encoder)": (step_dense, ours)}
+    if args.compile:
+        compiled = build_mae(args.size, mask_ratio=args.mask_ratio, compile=True).to(device)
+        compiled.load_state_dict(ours.state_dict())
+        variants["ours (sparse, compiled)"] = (step_sparse, compiled.train())
     if not args.no_official:
         from hiera import hiera_mae
 
@@ -104,16 +113,34 @@ def main() -> None:
     }
     images = torch.randn(args.batch, 3, 224, 224, device=device)
     steps = {name: [] for name in variants}
+    first = {}
     for i in range(args.warmup + args.steps):
         visible = ours.random_visible(args.batch, (7, 7))
         for name, (step, model) in variants.items():
             out = timed(step, model, optims[name], scalers[name], images, visible, amp)
             if i >= args.warmup:
                 steps[name].append(out)
-    report(args, device, steps)
+            elif i == 0:
+                first[name] = out["time_s"]
+    flops = step_flops(ours, images, amp) if args.flops else None
+    report(args, device, steps, first, flops)
 
 
-def report(args, device: torch.device, steps: dict[str, list[dict]]) -> None:
+def step_flops(model, images: torch.Tensor, amp) -> float:
+    """FLOPs of one sparse step's forward and backward (2 per multiply-add); no update."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    visible = model.random_visible(images.shape[0], (7, 7))
+    autocast = torch.autocast(images.device.type, dtype=amp) if amp else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            loss = step_sparse(model, images, visible)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def report(args, device, steps: dict[str, list[dict]], first: dict, flops: float | None) -> None:
     """Print the medians, ratios and memory; write them to `args.json` if given."""
     threads = torch.get_num_threads() if device.type == "cpu" else None
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -126,13 +153,28 @@ def report(args, device: torch.device, steps: dict[str, list[dict]]) -> None:
     for name, outs in steps.items():
         t = statistics.median(o["time_s"] for o in outs)
         r = {"median_s": t, "images_per_s": args.batch / t, "last_loss": outs[-1]["loss"]}
+        r["first_step_s"] = first.get(name)
+        if flops is not None and name != "ours (dense encoder)":  # the dense one does more work
+            r["achieved_GFLOPs"] = flops / t / 1e9
         if "peak_MB" in outs[0]:
             r["growth_MB"] = max(o["growth_MB"] for o in outs)
             r["peak_MB"] = max(o["peak_MB"] for o in outs)
         results[name] = r
         memory = f"  +{r['growth_MB']:.0f} MB in a step" if "growth_MB" in r else ""
-        print(f"  {name:22s} {t * 1000:8.1f} ms/step  {r['images_per_s']:7.2f} images/s{memory}")
+        if "achieved_GFLOPs" in r:
+            memory += f"  {r['achieved_GFLOPs']:.1f} GFLOP/s"
+        if r["first_step_s"] is not None:
+            memory += f"  (first step {r['first_step_s']:.1f} s)"
+        print(f"  {name:26s} {t * 1000:8.1f} ms/step  {r['images_per_s']:7.2f} images/s{memory}")
     summary = {}
+    if flops is not None:
+        summary["step_GFLOP"] = flops / 1e9
+        print(f"  one step: {flops / 1e9:.1f} GFLOP (forward + backward, 2 per multiply-add)")
+    if "ours (sparse, compiled)" in results:
+        summary["compiled_over_eager_throughput"] = (
+            results["ours (sparse)"]["median_s"] / results["ours (sparse, compiled)"]["median_s"]
+        )
+        print(f"  compiled / eager throughput: {summary['compiled_over_eager_throughput']:.2f}x")
     if "official (sparse)" in results:
         summary["ours_over_official_throughput"] = (
             results["official (sparse)"]["median_s"] / results["ours (sparse)"]["median_s"]

@@ -2,7 +2,7 @@
 """Where a detector's inference time goes: `torch.profiler` operator tables per part of the model.
 
     python tools/profile_detector.py --config-file configs/mask_rcnn_hiera_b.py \\
-        [--dtype fp32|bf16] [--size 1024] [--warmup 1] [--top 8] [--opts key=value ...]
+        [--dtype fp32|bf16] [--size 1024] [--warmup 1] [--top 8] [--shapes] [--opts key=value ...]
 
 One image (random weights, random pixels, `--size` square), box score threshold 0 so the mask head
 runs on the full 100 detections, as in tools/benchmark.py. After `--warmup` untimed passes, one
@@ -10,8 +10,9 @@ pass runs under `torch.profiler` (CPU activities). Each operator's self time is 
 innermost part of the model that called it: preprocessing, backbone trunk, FPN, RPN, RoI box
 pooler / head / predictor, RoI heads' own work (box inference: decoding, NMS), mask pooler, mask
 head (with mask inference) and post-processing (box rescaling and mask pasting). Printed as
-Markdown: one table of the parts, then each part's most expensive operators. The profiler adds a
-little time per operator; the part shares are what to read.
+Markdown: one table of the parts, then each part's most expensive operators (with `--shapes`, one
+row per operator and input shapes). The profiler adds a little time per operator; the part shares
+are what to read.
 """
 
 from __future__ import annotations
@@ -77,12 +78,13 @@ def innermost_region(event) -> str:
     return parent.name[len(PREFIX) :] if parent is not None else "other"
 
 
-def charge(events) -> dict[str, collections.Counter]:
-    """Self time (us) of every operator, keyed by the part that ran it."""
+def charge(events, shapes: bool = False) -> dict[str, collections.Counter]:
+    """Self time (us) of every operator (and its input shapes), keyed by the part that ran it."""
     table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for event in events:
         if not event.name.startswith(PREFIX):
-            table[innermost_region(event)][event.name] += event.self_cpu_time_total
+            key = f"{event.name} {event.input_shapes}" if shapes else event.name
+            table[innermost_region(event)][key] += event.self_cpu_time_total
     return table
 
 
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--top", type=int, default=8, help="operators listed per part")
+    parser.add_argument("--shapes", action="store_true", help="one row per operator and shapes")
     parser.add_argument("--opts", nargs="*", default=[], help="overrides for the config file")
     args = parser.parse_args()
 
@@ -127,14 +130,15 @@ def main() -> None:
         for _ in range(args.warmup):
             run()
         start = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, record_shapes=args.shapes) as prof:
             run()
         wall = time.perf_counter() - start
     header = (
         f"{args.config_file}, {args.dtype}, {args.size} px, batch 1, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; profiled pass {wall:.2f} s wall"
     )
-    print_tables(charge(prof.events()), parts, args.top, header)
+    print_tables(charge(prof.events(), args.shapes), parts, args.top, header)
 
 
 if __name__ == "__main__":

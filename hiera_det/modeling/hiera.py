@@ -438,8 +438,9 @@ class Hiera(Backbone):
         compile: run the blocks through `torch.compile` (opt-in; eager is the default and the
             reference). True for torch.compile's defaults, or a dict of its keyword arguments,
             e.g. ``{"mode": "max-autotune"}`` or ``{"options": {"freezing": True}}`` (inference
-            only). The stem and the output reroll stay eager; compilation happens at the first
-            call (minutes on a CPU: docs/benchmarks.md) and again for a new input shape.
+            only). The stem (patch embedding, position table, masking) stays eager; compilation
+            happens at the first call (a minute or more on a CPU: docs/benchmarks.md) and again
+            for a new input shape.
 
     The public view of the encoder's geometry, for wrappers such as the MAE (besides Detectron2's
     `output_shape()`, `forward_units`, `unroll_levels_left` and `unit_grid`):
@@ -635,30 +636,31 @@ class Hiera(Backbone):
             order (`reroll` with ``self.unroll_levels_left(name)`` restores spatial order).
         """
         x, grid = self._stem(images, visible)
-        return dict(zip(self._tap_names(), self._blocks_fn()(x, grid)))
+        return self._blocks_fn()(x, grid, spatial=False)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``[B, C, H, W]`` -> ``{"res2": [B, C1, H/4, W/4], ..., "res5": [B, C4, H/32, W/32]}``."""
         x, grid = self._stem(images)
+        return self._blocks_fn()(x, grid, spatial=True)
+
+    def _run_blocks(
+        self, x: Tensor, grid: tuple[int, int] | None, spatial: bool
+    ) -> dict[str, Tensor]:
+        """Every block in turn; each tapped block's tokens, in unit layout or (`spatial`) as the
+        ``[B, C, H, W]`` map (rerolled and, with `out_norm`, normalised) as soon as it is made."""
         outputs = {}
-        for (name, levels), y in zip(self._taps.values(), self._blocks_fn()(x, grid)):
-            y = reroll(y, grid, levels, self.q_stride)  # [B, H_s, W_s, C_s]
-            if self.out_norms is not None:
-                y = self.out_norms[name](y)
-            outputs[name] = y.permute(0, 3, 1, 2).contiguous()
-        return outputs
-
-    def _tap_names(self) -> list[str]:
-        return [name for name, _ in self._taps.values()]
-
-    def _run_blocks(self, x: Tensor, grid: tuple[int, int] | None) -> list[Tensor]:
-        """Every block in turn; the unit-layout tokens after each tapped block, in tap order."""
-        taps = []
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, grid)
             if i in self._taps:
-                taps.append(x)
-        return taps
+                name, levels = self._taps[i]
+                outputs[name] = self._to_map(x, grid, name, levels) if spatial else x
+        return outputs
+
+    def _to_map(self, x: Tensor, grid: tuple[int, int], name: str, levels: int) -> Tensor:
+        y = reroll(x, grid, levels, self.q_stride)  # [B, H_s, W_s, C_s]
+        if self.out_norms is not None:
+            y = self.out_norms[name](y)
+        return y.permute(0, 3, 1, 2).contiguous()
 
     def _blocks_fn(self):
         """`_run_blocks`, compiled on first use when `compile` was given."""
