@@ -140,14 +140,15 @@ def test_matmul_peak_shrinks_the_product_for_a_dtype_without_fast_kernels(monkey
     benchmark = load_benchmark()
     sizes = []
 
-    def slow_product(dtype, device, n):
+    def slow_product(dtype, device, n, transposed=False):
         sizes.append(n)
-        return 2 * n**3 / 1e9  # 1 GFLOP/s at every size
+        return 2 * n**3 / (2e9 if transposed else 1e9)  # 1 or 2 GFLOP/s at every size
 
     monkeypatch.setattr(benchmark, "_product_seconds", slow_product)
     gflops, n = benchmark.matmul_peak(torch.bfloat16, "cpu", reps=3)
-    assert (n, sizes) == (256, [256] * 4) and gflops == pytest.approx(1.0)
-    monkeypatch.setattr(benchmark, "_product_seconds", lambda dtype, device, n: 2 * n**3 / 100e9)
+    assert (n, sizes) == (256, [256] * 6) and gflops == pytest.approx(2.0)  # the faster layout
+    fast = lambda dtype, device, n, transposed=False: 2 * n**3 / 100e9  # noqa: E731
+    monkeypatch.setattr(benchmark, "_product_seconds", fast)
     assert benchmark.matmul_peak(torch.float32, "cpu", reps=3) == (pytest.approx(100.0), 2048)
 
 

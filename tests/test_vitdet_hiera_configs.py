@@ -204,7 +204,7 @@ def test_cascade_is_mask_rcnn_plus_vitdet_cascade(path: Path):
     cfg = load(path)
     base = LazyConfig.load(str(ROOT / "configs" / path.name.removeprefix("cascade_")))
     heads, base_heads = cfg.model.roi_heads, base.model.roi_heads
-    assert heads._target_ is CascadeROIHeads
+    assert issubclass(heads._target_, CascadeROIHeads)  # laying out the pooled maps once
     assert [m.thresholds for m in heads.proposal_matchers] == [[0.5], [0.6], [0.7]]
     assert not any(m.allow_low_quality_matches for m in heads.proposal_matchers)
     weights = [tuple(p.box2box_transform.weights) for p in heads.box_predictors]

@@ -276,18 +276,23 @@ PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def matmul_peak(dtype: torch.dtype, device: str, n: int = MATMUL_N, reps: int = 5):
     """``(GFLOP/s, n)`` of an n x n x n matrix product on `device` (median of `reps`).
 
-    A dtype this machine has no fast kernel for (bf16 on a CPU without AVX-512-BF16 or AMX runs
-    about 1 GFLOP/s) is measured at n = 256 instead: 2048^3 would take minutes.
+    The faster of two layouts counts: ``a @ b`` and ``a @ b.T`` (how `F.linear` multiplies). They
+    differ where PyTorch has no tuned kernel for the dtype: bf16 on a CPU without AVX-512-BF16 or
+    AMX ran at ~1 GFLOP/s as ``a @ b`` and ~17 GFLOP/s as ``a @ b.T`` (2026-12-01, AMD EPYC Zen 3,
+    torch 2.14.1). Below 10 GFLOP/s at 256^3, the product is measured at n = 256: 2048^3 would
+    take minutes.
     """
-    if 2 * 256**3 / _product_seconds(dtype, device, 256) < 10e9:  # under 10 GFLOP/s at 256^3
+    transposed = _product_seconds(dtype, device, 256, True) < _product_seconds(dtype, device, 256)
+    if 2 * 256**3 / _product_seconds(dtype, device, 256, transposed) < 10e9:
         n = 256
-    times = [_product_seconds(dtype, device, n) for _ in range(reps)]
+    times = [_product_seconds(dtype, device, n, transposed) for _ in range(reps)]
     return 2 * n**3 / statistics.median(times) / 1e9, n
 
 
-def _product_seconds(dtype: torch.dtype, device: str, n: int) -> float:
+def _product_seconds(dtype: torch.dtype, device: str, n: int, transposed: bool = False) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
+    b = b.t() if transposed else b
     a @ b  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()

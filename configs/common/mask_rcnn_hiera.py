@@ -2,13 +2,16 @@
 
 Everything is Detectron2's stock Mask R-CNN (`common/models/mask_rcnn_fpn.py`) except the backbone
 and the "ViTDet heads": LayerNorm after every hidden conv of the FPN, the RPN (2 convs) and the RoI
-heads (box: 4 convs + 1 fc; mask: 4 convs + deconv).
+heads (box: 4 convs + 1 fc; mask: 4 convs + deconv). The RoI heads are Detectron2's
+`StandardROIHeads` as `ContiguousFeatureROIHeads`, which copies the pooled FPN levels into
+RoIAlign's layout once per image batch instead of once per pooler (same results).
 """
 
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from hiera_det.modeling import ConvNormRPNHead, build_hiera, channel_layer_norm
+from hiera_det.modeling.roi_heads import ContiguousFeatureROIHeads
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 
@@ -41,6 +44,7 @@ FPN_WIDTH = "${model.backbone.out_channels}"
 model.proposal_generator.head = L(ConvNormRPNHead)(
     in_channels=FPN_WIDTH, num_anchors=3, conv_dims=[-1, -1], conv_norm=L(channel_layer_norm)()
 )
+model.roi_heads._target_ = ContiguousFeatureROIHeads
 model.roi_heads.box_head.input_shape.channels = FPN_WIDTH
 model.roi_heads.mask_head.input_shape.channels = FPN_WIDTH
 model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]

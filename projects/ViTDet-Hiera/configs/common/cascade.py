@@ -12,7 +12,8 @@ import copy
 from detectron2.config import LazyCall as L
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.roi_heads import CascadeROIHeads
+
+from hiera_det.modeling.roi_heads import ContiguousFeatureCascadeROIHeads
 
 # ViTDet's (and Cai & Vasconcelos') three stages: IoU threshold and (dx, dy, dw, dh) weights.
 CASCADE_STAGES = (
@@ -23,7 +24,8 @@ CASCADE_STAGES = (
 
 
 def to_cascade(model, stages=CASCADE_STAGES):
-    """Turn a Mask R-CNN model config's `StandardROIHeads` into `CascadeROIHeads` (in place).
+    """Turn a Mask R-CNN model config's RoI heads into cascade heads (in place): Detectron2's
+    `CascadeROIHeads` as `ContiguousFeatureCascadeROIHeads` (see `hiera_det.modeling.roi_heads`).
 
     Args:
         model: a LazyConfig of a `GeneralizedRCNN` whose ``roi_heads`` has ``box_head``,
@@ -46,7 +48,7 @@ def to_cascade(model, stages=CASCADE_STAGES):
         predictor.num_classes = "${...num_classes}"
         predictors.append(predictor)
     heads.update(
-        _target_=CascadeROIHeads,
+        _target_=ContiguousFeatureCascadeROIHeads,
         box_heads=[copy.deepcopy(box_head) for _ in stages],
         box_predictors=predictors,
         proposal_matchers=[
