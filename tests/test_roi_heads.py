@@ -81,7 +81,7 @@ def test_bf16_inference_equals_detectron2s_heads_on_fp32_maps():
 
 def test_detectron2s_roialign_rounds_boxes_to_the_maps_dtype():
     """Why bf16 results differ from Detectron2's heads on bf16 maps: its `ROIAlign` casts the
-    boxes to bf16. A box from x = 701 px is pooled from x = 700 px; from fp32 maps it stays exact."""
+    boxes to bf16: a box from x = 701 px is pooled from x = 700 px; from fp32 maps it is exact."""
     from detectron2.layers import ROIAlign
 
     pool = ROIAlign((7, 7), spatial_scale=1 / 4, sampling_ratio=0, aligned=True)
