@@ -282,8 +282,9 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = MATMUL_N, reps: int = 
     torch 2.14.1). Below 10 GFLOP/s at 256^3, the product is measured at n = 256: 2048^3 would
     take minutes.
     """
-    transposed = _product_seconds(dtype, device, 256, True) < _product_seconds(dtype, device, 256)
-    if 2 * 256**3 / _product_seconds(dtype, device, 256, transposed) < 10e9:
+    probe = {layout: _product_seconds(dtype, device, 256, layout) for layout in (False, True)}
+    transposed = probe[True] < probe[False]
+    if 2 * 256**3 / probe[transposed] < 10e9:
         n = 256
     times = [_product_seconds(dtype, device, n, transposed) for _ in range(reps)]
     return 2 * n**3 / statistics.median(times) / 1e9, n

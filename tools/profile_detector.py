@@ -117,8 +117,13 @@ def main() -> None:
     parser.add_argument("--opts", nargs="*", default=[], help="overrides for the config file")
     args = parser.parse_args()
 
+    from hiera_det.config_check import ConfigOverrideError
+
     benchmark.make_inputs(args.size, 1, "cpu", with_targets=False)
-    model, run = benchmark.build(args.config_file, "inference", args.opts)
+    try:
+        model, run = benchmark.build(args.config_file, "inference", args.opts)
+    except ConfigOverrideError as e:  # a typo'd --opts key: name it, as tools/benchmark.py does
+        raise SystemExit(f"{args.config_file}: {e}") from None
     model.eval()
     parts = mark_parts(model)
     autocast = (
