@@ -11,13 +11,13 @@ of predictions in the output folder. See docs/quickstart.md.
 from detectron2.config import LazyCall as L
 
 from hiera_det.data.synthetic import SyntheticSpec, register_synthetic
+from hiera_det.engine.schedule import step_lr_multiplier
 from hiera_det.engine.visualize import PredictionPicturesHook
 from hiera_det.modeling import Hiera
 
 from .common.coco_lsj import dataloader, lsj_augmentations, square_test_resize
 from .common.mask_rcnn_hiera import model
 from .common.optim import optimizer
-from .common.schedule import step_lr_multiplier
 from .common.train import train
 
 image_size = 128  # the square the images are drawn at and trained at

@@ -13,6 +13,8 @@ from detectron2.config import LazyCall as L
 from hiera_det.modeling import ConvNormRPNHead, build_hiera, channel_layer_norm
 from hiera_det.modeling.roi_heads import ContiguousFeatureROIHeads
 
+from .recipes import DETECTION
+
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 
 # Hiera was pretrained on RGB images normalised with the ImageNet statistics.
@@ -22,7 +24,7 @@ model.input_format = "RGB"
 
 model.backbone.bottom_up = L(build_hiera)(
     size="base",
-    drop_path_rate=0.2,
+    drop_path_rate=DETECTION["base"]["drop_path_rate"],  # the size configs set it (recipes.py)
     out_features=["res2", "res3", "res4", "res5"],
     # Attention layout at 1024 px (measured in docs/detection.md): stages 1-2 keep mask unit
     # attention; stage 3 attends within 8x8 mask units (256 px windows tile the 1024 square with

@@ -3,10 +3,11 @@
 Hiera size, drop path and lr; the global blocks and the initial weights follow the size.
 """
 
+from hiera_det.engine.schedule import iterations_for, step_lr_multiplier
+
 from .coco_lsj import dataloader
 from .mask_rcnn_hiera import model
 from .optim import optimizer
-from .schedule import iterations_for, step_lr_multiplier
 from .train import train
 
 train.max_iter = iterations_for(epochs=100, batch_size=64)  # 184375

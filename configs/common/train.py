@@ -13,4 +13,9 @@ train = dict(
     device="cuda",  # train_net.py falls back to "cpu" when CUDA is unavailable
     seed=-1,  # < 0: a random seed (Detectron2's default_setup)
     extra_hooks=[],  # LazyCall'd detectron2 HookBase objects, registered after the default ones
+    # Signals that stop the run after the current iteration with a checkpoint of it; the process
+    # then exits with status 75 and --resume goes on (docs/distributed.md: preemption).
+    stop_signals=["SIGTERM", "SIGUSR1"],
+    max_hours=None,  # a wall-clock budget for the run: stop the same way before it runs out
+    stop_margin_s=120.0,  # seconds of the budget kept for the checkpoint and the exit
 )

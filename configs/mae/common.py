@@ -2,10 +2,11 @@
 
     python train_net.py --config-file configs/mae/mae_hiera_b.py [dataloader.train.root=DIR]
 
-Reads every .jpg/.jpeg/.png/.webp under `dataloader.train.root` (default: $HIERA_DET_IMAGES, else
-datasets/imagenet/train). The recipe is in epochs; `hiera_det.mae.resolve_epoch_schedule` (called by
-train_net.py) turns it into iterations from the number of images and the batch size. The 1600-epoch
-variant is ``train.epochs=1600``; a short run is ``train.max_iter=N`` (same schedule shape).
+Reads every image (`hiera_det.data.images.IMAGE_EXTENSIONS`) under `dataloader.train.root`
+(default: $HIERA_DET_IMAGES, else datasets/imagenet/train). The recipe is in epochs;
+`hiera_det.engine.schedule.resolve_epoch_schedule` (called by train_net.py) turns it into
+iterations from the number of images and the batch size. The 1600-epoch variant is
+``train.epochs=1600``; a short run is ``train.max_iter=N`` (same schedule shape).
 Every checkpoint can be the detector's ``train.init_checkpoint``.
 """
 
@@ -23,13 +24,14 @@ from hiera_det.mae.hooks import MAEPicturesHook
 from hiera_det.mae.model import MaskedAutoencoderHiera
 from hiera_det.modeling import build_hiera
 
+from ..common.recipes import MAE_DROP_PATH
 from ..common.train import train
 
 model = L(MaskedAutoencoderHiera)(
     encoder=L(build_hiera)(
         size="base",
         q_pool=2,  # no pooling before the last stage: MAE predicts 16 px patches
-        drop_path_rate=0.2,
+        drop_path_rate=MAE_DROP_PATH["base"],  # the size configs set both (../common/recipes.py)
         pretrain_img_size=224,
         use_sdpa=True,
     ),
@@ -38,6 +40,9 @@ model = L(MaskedAutoencoderHiera)(
     decoder_num_heads=16,
     mask_ratio=0.6,
     norm_pix_loss=True,
+    # True (or torch.compile's arguments, e.g. {mode: reduce-overhead} for CUDA graphs) compiles
+    # the whole step's forward and backward; eager is the reference (docs/mae.md).
+    compile_step=False,
 )
 
 dataloader = OmegaConf.create()
@@ -76,7 +81,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train.update(
-    output_dir="./output/mae_hiera_b",
+    output_dir="./output/mae_hiera_${model.encoder.size}",
     max_iter=None,  # from epochs and the dataset size, unless given
     epochs=400,  # 1600 for the long schedule
     warmup_epochs=40,

@@ -1,7 +1,7 @@
-"""MAE pretraining of Hiera-B+ (Table 14a: drop path 0.2). See common.py for the recipe."""
+"""MAE pretraining of Hiera-B+ (Table 14a). See common.py for the recipe, and
+../common/recipes.py for the per-size drop path."""
 
+from ..common.recipes import use_mae_size
 from .common import dataloader, lr_multiplier, model, optimizer, train
 
-model.encoder.size = "base_plus"
-model.encoder.drop_path_rate = 0.2
-train.output_dir = "./output/mae_hiera_b_plus"
+use_mae_size(model, "base_plus")

@@ -1,7 +1,7 @@
-"""MAE pretraining of Hiera-H (Table 14a: drop path 0.3). See common.py for the recipe."""
+"""MAE pretraining of Hiera-H (Table 14a). See common.py for the recipe, and
+../common/recipes.py for the per-size drop path."""
 
+from ..common.recipes import use_mae_size
 from .common import dataloader, lr_multiplier, model, optimizer, train
 
-model.encoder.size = "huge"
-model.encoder.drop_path_rate = 0.3
-train.output_dir = "./output/mae_hiera_h"
+use_mae_size(model, "huge")

@@ -1,7 +1,7 @@
-"""MAE pretraining of Hiera-L (Table 14a: drop path 0.2). See common.py for the recipe."""
+"""MAE pretraining of Hiera-L (Table 14a). See common.py for the recipe, and
+../common/recipes.py for the per-size drop path."""
 
+from ..common.recipes import use_mae_size
 from .common import dataloader, lr_multiplier, model, optimizer, train
 
-model.encoder.size = "large"
-model.encoder.drop_path_rate = 0.2
-train.output_dir = "./output/mae_hiera_l"
+use_mae_size(model, "large")

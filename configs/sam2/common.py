@@ -12,13 +12,14 @@ from detectron2.config import LazyCall as L
 from hiera_det.modeling import build_hiera
 
 from ..common.mask_rcnn_hiera_100ep import dataloader, lr_multiplier, model, optimizer, train
+from ..common.recipes import DETECTION
 
 __all__ = ["dataloader", "lr_multiplier", "model", "optimizer", "train"]
 
 model.backbone.bottom_up = L(build_hiera)(
     size="base_plus",
     layout="sam2",  # windows, global blocks and position embedding follow the size
-    drop_path_rate=0.2,
+    drop_path_rate=DETECTION["base_plus"]["drop_path_rate"],  # the size configs set it
     out_features=["res2", "res3", "res4", "res5"],
     use_sdpa=True,
 )

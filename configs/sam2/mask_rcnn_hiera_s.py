@@ -1,10 +1,7 @@
-"""Mask R-CNN on SAM 2.1's Hiera-S trunk, COCO, 100 epochs. Our choice, unverified (no COCO number).
+"""Mask R-CNN on SAM 2.1's Hiera-S trunk, COCO, 100 epochs. Unverified (no COCO number): drop
+path and lr are those of the size's MAE-initialised config (common/recipes.py), not tuned here."""
 
-Drop path and lr: those of our MAE-initialised Hiera-S config (drop path 0.1, lr 3.5e-5), for the
-reason given in `mask_rcnn_hiera_t.py`.
-"""
-
+from ..common.recipes import use_detection_size
 from .common import dataloader, lr_multiplier, model, optimizer, train
 
-model.backbone.bottom_up.size = "small"  # layout and weights follow the size
-model.backbone.bottom_up.drop_path_rate = 0.1  # lr 3.5e-5: B's recipe
+use_detection_size(model, optimizer, "small")

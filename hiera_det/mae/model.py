@@ -28,11 +28,20 @@ strips that prefix).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..modeling.hiera import Hiera, HieraBlock, build_hiera, reroll, resize_pos_embed
+from ..modeling.hiera import (
+    Hiera,
+    HieraBlock,
+    build_hiera,
+    compile_options,
+    reroll,
+    resize_pos_embed,
+)
 
 __all__ = ["MaskedAutoencoderHiera", "build_mae"]
 
@@ -45,6 +54,7 @@ def build_mae(
     decoder_num_heads: int = 16,
     mask_ratio: float = 0.6,
     norm_pix_loss: bool = True,
+    compile_step: bool | Mapping[str, Any] = False,
     **encoder_overrides,
 ) -> MaskedAutoencoderHiera:
     """An MAE for a named Hiera size (`HIERA_SIZES`); `encoder_overrides` go to `build_hiera`.
@@ -60,6 +70,7 @@ def build_mae(
         decoder_num_heads=decoder_num_heads,
         mask_ratio=mask_ratio,
         norm_pix_loss=norm_pix_loss,
+        compile_step=compile_step,
     )
 
 
@@ -76,6 +87,12 @@ class MaskedAutoencoderHiera(nn.Module):
         norm_pix_loss: normalise each target patch by its mean and variance (as the paper).
         mlp_ratio: MLP width of the decoder blocks.
         use_sdpa: decoder attention with `F.scaled_dot_product_attention` (as the official code).
+        compile_step: compile the whole training step's forward (`masked_loss`: encoder, decoder
+            and loss; its backward is compiled with it) with ``torch.compile(fullgraph=True)``.
+            Opt-in; eager is the default and the reference. True for torch.compile's defaults,
+            or a dict of its arguments, e.g. ``{"mode": "max-autotune"}``; with
+            ``{"mode": "reduce-overhead"}`` (CUDA graphs) the step reads persistent input
+            buffers refreshed each step. The masks are drawn outside the compiled step.
     """
 
     def __init__(
@@ -88,8 +105,10 @@ class MaskedAutoencoderHiera(nn.Module):
         norm_pix_loss: bool = True,
         mlp_ratio: float = 4.0,
         use_sdpa: bool = True,
+        compile_step: bool | Mapping[str, Any] = False,
     ):
         super().__init__()
+        self.compile_kwargs = compile_options(compile_step)  # checked before anything is built
         stages = [f"res{i + 2}" for i in range(encoder.levels + 1)]
         shapes = encoder.output_shape()  # {name: ShapeSpec(channels, stride)}, in output order
         if list(shapes) != stages:
@@ -105,46 +124,48 @@ class MaskedAutoencoderHiera(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
 
+        self._build_fusion(shapes)
+        self._build_decoder(
+            decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, use_sdpa
+        )
+        self._init_weights()
+
+    def _build_fusion(self, shapes: dict) -> None:
+        """The multi-scale fusion heads (official order: the stages before each pooling, then the
+        last stage) and the encoder norm; `shapes` is the encoder's `output_shape()`."""
         strides = {name: shape.stride for name, shape in shapes.items()}
         channels = {name: shape.channels for name, shape in shapes.items()}
-        last = stages[-1]
+        last = list(shapes)[-1]
         self.pred_stride = strides[last]  # 16 with q_pool=2: one prediction per last-stage token
-        unit_px = encoder.unit_px
-        self.unit_side = unit_px // self.pred_stride  # last-stage tokens per unit side (2)
-        # Fusion sources: the stages before each pooling, then the last stage (official order).
-        self._fusion_sources = [n for n in stages if strides[n] < self.pred_stride] + [last]
-        encoder_dim = channels[last]
+        self.unit_side = self.encoder.unit_px // self.pred_stride  # last-stage tokens per side (2)
+        self._fusion_sources = [n for n in shapes if strides[n] < self.pred_stride] + [last]
+        self.encoder_dim = channels[last]
         self.multi_scale_fusion_heads = nn.ModuleList()
         for name in self._fusion_sources[:-1]:
             k = self.pred_stride // strides[name]  # kernel = stride
-            self.multi_scale_fusion_heads.append(nn.Conv2d(channels[name], encoder_dim, k, k))
+            self.multi_scale_fusion_heads.append(nn.Conv2d(channels[name], self.encoder_dim, k, k))
         self.multi_scale_fusion_heads.append(nn.Identity())  # the last stage is already 2x2
-        self.encoder_norm = nn.LayerNorm(encoder_dim, eps=1e-6)
+        self.encoder_norm = nn.LayerNorm(self.encoder_dim, eps=1e-6)
 
+    def _build_decoder(
+        self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, use_sdpa: bool
+    ) -> None:
         # The encoder's pretraining token grid (56x56 at 224 px) in prediction patches: 14x14.
         self.decoder_grid = tuple(
-            side * encoder.patch_stride // self.pred_stride for side in encoder.pretrain_grid
+            side * self.encoder.patch_stride // self.pred_stride
+            for side in self.encoder.pretrain_grid
         )
-        in_chans = encoder.in_chans
-        self.decoder_embed = nn.Linear(encoder_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_embed = nn.Linear(self.encoder_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, math.prod(self.decoder_grid), decoder_embed_dim)
+            torch.zeros(1, math.prod(self.decoder_grid), embed_dim)
         )
         self.decoder_blocks = nn.ModuleList(
-            HieraBlock(
-                decoder_embed_dim,
-                decoder_embed_dim,
-                decoder_num_heads,
-                mlp_ratio,
-                window=0,
-                use_sdpa=use_sdpa,
-            )
-            for _ in range(decoder_depth)
+            HieraBlock(embed_dim, embed_dim, num_heads, mlp_ratio, window=0, use_sdpa=use_sdpa)
+            for _ in range(depth)
         )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.pred_stride**2 * in_chans)
-        self._init_weights()
+        self.decoder_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(embed_dim, self.pred_stride**2 * self.encoder.in_chans)
 
     def _init_weights(self) -> None:
         """The official MAE initialisation (it replaces the encoder's own for linears and norms)."""
@@ -173,38 +194,61 @@ class MaskedAutoencoderHiera(nn.Module):
         """The mask unit grid of `images` (raises for sizes that are not multiples of 32)."""
         return self.encoder.unit_grid(images)
 
-    def random_visible(
+    def random_keep(
         self, batch: int, grid: tuple[int, int], generator: torch.Generator | None = None
     ) -> Tensor:
-        """Random per-unit masks ``[B, gh*gw]`` bool, True = visible; the same count per image.
-
-        Keeps the ``int(units * (1 - mask_ratio))`` units with the smallest uniform noise, as the
-        official ``get_random_mask`` does.
-        """
+        """Random kept units ``[B, K]`` (unit indices, increasing; K = ``int(units * (1 -
+        mask_ratio))``): the units with the smallest uniform noise, as the official
+        ``get_random_mask`` keeps. Static shapes, no host synchronisation."""
         units = grid[0] * grid[1]
         keep = int(units * (1 - self.mask_ratio))
         if keep < 1:
             raise ValueError(f"mask_ratio={self.mask_ratio} keeps no unit of a {grid} unit grid")
         device = generator.device if generator is not None else self.device
         noise = torch.rand(batch, units, device=device, generator=generator)
-        visible = torch.zeros(batch, units, dtype=torch.bool, device=device)
-        return visible.scatter_(1, noise.argsort(dim=1)[:, :keep], True).to(self.device)
+        return noise.argsort(dim=1)[:, :keep].sort(dim=1).values.to(self.device)
+
+    def random_visible(
+        self, batch: int, grid: tuple[int, int], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """`random_keep` as per-unit masks ``[B, gh*gw]`` bool, True = visible."""
+        keep = self.random_keep(batch, grid, generator)
+        visible = torch.zeros(batch, grid[0] * grid[1], dtype=torch.bool, device=keep.device)
+        return visible.scatter_(1, keep, True)
+
+    def kept_units(self, visible: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Unit masks ``[B, gh*gw]`` (True = visible, the same count per image) -> the kept unit
+        indices ``[B, K]``, increasing. Checks the masks (and so synchronises with the device):
+        call it outside a compiled step."""
+        visible = visible.to(self.device).bool()
+        counts = visible.sum(dim=1)
+        if visible.shape != (visible.shape[0], grid[0] * grid[1]) or (counts != counts[0]).any():
+            raise ValueError(
+                f"visible must be [B, {grid[0] * grid[1]}] with the same number of visible "
+                f"units per image, got shape {tuple(visible.shape)}, counts {counts.tolist()}"
+            )
+        return visible.nonzero()[:, 1].view(visible.shape[0], -1)
+
+    def unit_weights(self, keep: Tensor, grid: tuple[int, int], value: float = 1.0) -> Tensor:
+        """``[B, gh*gw]`` float: `value` at the kept units, 0 elsewhere."""
+        weights = keep.new_zeros(keep.shape[0], grid[0] * grid[1], dtype=torch.float32)
+        return weights.scatter_(1, keep, value)
 
     # ------------------------------------------------------------------------------------------
-    # Encoder / decoder / loss
+    # Encoder / decoder / loss: kept units by index, static shapes (compilable whole)
     # ------------------------------------------------------------------------------------------
 
-    def forward_encoder(self, images: Tensor, visible: Tensor) -> Tensor:
-        """Encode the visible units and fuse the scales.
+    def forward_encoder(self, images: Tensor, keep: Tensor) -> Tensor:
+        """Encode the kept units and fuse the scales.
 
         Args:
             images: ``[B, C, H, W]``, H and W multiples of 32.
-            visible: ``[B, H/32 * W/32]`` bool, True = visible; the same count per image.
+            keep: ``[B, K]`` kept unit indices, increasing (`random_keep`, `kept_units`).
         Returns:
-            ``[B, U_vis, m, m, C_enc]``: the fused, normed latent of every visible unit with its
+            ``[B, K, m, m, C_enc]``: the fused, normed latent of every kept unit with its
             ``m x m`` last-stage tokens (m = 2) in spatial order, units in row-major order.
         """
-        feats = self.encoder.forward_units(images, visible)  # {name: [B, U_vis, T_s, C_s]}
+        feats = self.encoder.forward_units(images, keep)  # {name: [B, K, T_s, C_s]}
         q_stride = self.encoder.q_stride
         latent = 0.0
         for name, head in zip(self._fusion_sources, self.multi_scale_fusion_heads):
@@ -219,24 +263,25 @@ class MaskedAutoencoderHiera(nn.Module):
         latent = self.encoder_norm(latent)
         return latent.view(B, U, self.unit_side, self.unit_side, -1)
 
-    def forward_decoder(self, latent: Tensor, visible: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward_decoder(self, latent: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
         """Predict the pixels of every 16 px patch of the image.
 
         Args:
-            latent: ``[B, U_vis, m, m, C_enc]`` from `forward_encoder`.
-            visible: ``[B, gh*gw]`` bool unit mask (True = visible).
+            latent: ``[B, K, m, m, C_enc]`` from `forward_encoder`.
+            keep: ``[B, K]`` kept unit indices.
             grid: the unit grid ``(gh, gw)``.
         Returns:
             ``[B, gh*m * gw*m, p*p*C_in]``: per patch (row-major, p = `pred_stride`) its pixels,
             flattened channel-major ``(c, y, x)`` as the official model (normalised per patch when
             `norm_pix_loss`).
         """
-        x = self.decoder_embed(latent)  # [B, U_vis, m, m, D]
-        B, _, m, _, D = x.shape
+        x = self.decoder_embed(latent)  # [B, K, m, m, D]
+        B, K, m, _, D = x.shape
         gh, gw = grid
-        full = x.new_zeros(B, gh * gw, m, m, D)
-        full[visible] = x.reshape(-1, m, m, D)
-        x = torch.where(visible[:, :, None, None, None], full, self.mask_token.to(x.dtype))
+        # Mask tokens everywhere, the kept units' tokens scattered back to their places.
+        full = self.mask_token.to(x.dtype).view(1, 1, 1, 1, D).expand(B, gh * gw, m, m, D)
+        index = keep.view(B, K, 1, 1, 1).expand(B, K, m, m, D)
+        x = full.scatter(1, index, x)  # [B, gh*gw, m, m, D]
         # [B, gh, gw, m, m, D] -> [B, gh, m, gw, m, D]: the whole image's grid in spatial order
         x = x.view(B, gh, gw, m, m, D).permute(0, 1, 3, 2, 4, 5).reshape(B, 1, -1, D)
         pos = resize_pos_embed(self.decoder_pos_embed, (gh * m, gw * m), antialias=False)
@@ -245,23 +290,33 @@ class MaskedAutoencoderHiera(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x.squeeze(1)))
 
-    def forward_loss(self, images: Tensor, pred: Tensor, visible: Tensor) -> Tensor:
-        """Mean squared error on the masked patches.
+    def forward_loss(self, images: Tensor, pred: Tensor, keep: Tensor) -> Tensor:
+        """Mean squared error on the masked patches (the official ``mean`` over their values,
+        as a masked mean: every patch has as many values).
 
         Args:
             images: ``[B, C, H, W]`` the (normalised) input.
             pred: ``[B, N, p*p*C]`` from `forward_decoder`.
-            visible: ``[B, gh*gw]`` bool unit mask (True = visible).
+            keep: ``[B, K]`` kept unit indices.
         Returns:
             the scalar loss (fp32).
         """
-        masked = ~self.visible_per_patch(visible, self.unit_grid(images))  # [B, N]
-        target = self.patchify(images)[masked].float()  # [B*N_masked, p*p*C]
+        grid = self.unit_grid(images)
+        masked = self.per_patch(1.0 - self.unit_weights(keep, grid), grid)  # [B, N], 1 = masked
+        target = self.patchify(images).float()  # [B, N, p*p*C]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as official
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return (pred[masked].float() - target).pow(2).mean()
+        per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+        return (per_patch * masked).sum() / masked.sum()
+
+    def masked_loss(self, images: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, pred)`` of `images` with the units `keep` kept: the whole training step's
+        forward, with static shapes and no host synchronisation (what ``compile`` compiles)."""
+        grid = self.unit_grid(images)
+        pred = self.forward_decoder(self.forward_encoder(images, keep), keep, grid)
+        return self.forward_loss(images, pred, keep), pred
 
     def reconstruct(
         self, images: Tensor, visible: Tensor | None = None
@@ -274,18 +329,12 @@ class MaskedAutoencoderHiera(nn.Module):
         images = images.to(self.device, non_blocking=True)
         grid = self.unit_grid(images)
         if visible is None:
-            visible = self.random_visible(images.shape[0], grid)
+            keep = self.random_keep(images.shape[0], grid)
         else:
-            visible = visible.to(self.device).bool()
-            counts = visible.sum(dim=1)
-            if visible.shape != (images.shape[0], grid[0] * grid[1]) or (counts != counts[0]).any():
-                raise ValueError(
-                    f"visible must be [B, {grid[0] * grid[1]}] with the same number of visible "
-                    f"units per image, got shape {tuple(visible.shape)}, counts {counts.tolist()}"
-                )
-        latent = self.forward_encoder(images, visible)
-        pred = self.forward_decoder(latent, visible, grid)
-        return self.forward_loss(images, pred, visible), pred, visible
+            keep = self.kept_units(visible, grid)
+        loss, pred = self._step(images, keep)
+        visible = self.unit_weights(keep, grid).bool()
+        return loss, pred, visible
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``[B, C, H, W]`` normalised images -> ``{"loss_mae": loss}`` (random masks).
@@ -293,7 +342,41 @@ class MaskedAutoencoderHiera(nn.Module):
         Returns the loss dict in train and eval mode alike, so Detectron2's trainers train it;
         use `reconstruct` for predictions.
         """
-        return {"loss_mae": self.reconstruct(images)[0]}
+        images = images.to(self.device, non_blocking=True)
+        keep = self.random_keep(images.shape[0], self.unit_grid(images))
+        return {"loss_mae": self._step(images, keep)[0]}
+
+    def _step(self, images: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """`masked_loss`, through the compiled step when ``compile`` was given."""
+        if self.compile_kwargs is None:
+            return self.masked_loss(images, keep)
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is None:
+            compiled = torch.compile(self.masked_loss, fullgraph=True, **self.compile_kwargs)
+            self.__dict__["_compiled_step"] = compiled  # not state: dropped by __getstate__
+        if self.compile_kwargs.get("mode") == "reduce-overhead":
+            images, keep = self._static_inputs(images, keep)
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        return compiled(images, keep)
+
+    def _static_inputs(self, images: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Persistent input buffers for CUDA graphs, refreshed in place each step (new buffers
+        only when the shapes change)."""
+        static = self.__dict__.get("_static_inputs_buffers")
+        if static is None or static[0].shape != images.shape or static[1].shape != keep.shape:
+            static = (images.clone(), keep.clone())
+            self.__dict__["_static_inputs_buffers"] = static
+        else:
+            static[0].copy_(images)
+            static[1].copy_(keep)
+        return static
+
+    def __getstate__(self):
+        """Pickling and deepcopy leave the compiled step and its buffers out."""
+        state = dict(super().__getstate__())
+        state.pop("_compiled_step", None)
+        state.pop("_static_inputs_buffers", None)
+        return state
 
     # ------------------------------------------------------------------------------------------
     # Patch layout helpers
@@ -314,8 +397,13 @@ class MaskedAutoencoderHiera(nn.Module):
         x = patches.reshape(B, gh, gw, -1, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(B, -1, gh * p, gw * p)
 
+    def per_patch(self, units: Tensor, grid: tuple[int, int]) -> Tensor:
+        """A per-unit ``[B, gh*gw]`` tensor -> the same per predicted patch ``[B, gh*m * gw*m]``
+        (row-major over the patch grid)."""
+        m = self.unit_side
+        v = units.view(-1, grid[0], 1, grid[1], 1).expand(-1, -1, m, -1, m)
+        return v.reshape(units.shape[0], -1)
+
     def visible_per_patch(self, visible: Tensor, grid: tuple[int, int]) -> Tensor:
         """Unit mask ``[B, gh*gw]`` -> mask of the predicted patches ``[B, gh*m * gw*m]``."""
-        m = self.unit_side
-        v = visible.view(-1, grid[0], 1, grid[1], 1).expand(-1, -1, m, -1, m)
-        return v.reshape(visible.shape[0], -1)
+        return self.per_patch(visible, grid)

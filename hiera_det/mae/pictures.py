@@ -11,7 +11,6 @@ guess of a patch's mean colour.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -25,8 +24,6 @@ from .model import MaskedAutoencoderHiera
 
 __all__ = ["load_images", "render_reconstructions", "save_png"]
 
-logger = logging.getLogger(__name__)
-
 COLUMNS = ("input", "masked", "prediction", "pred. + visible")
 GAP, HEADER = 4, 16  # pixels between tiles / above the first row
 
@@ -34,17 +31,22 @@ GAP, HEADER = 4, 16  # pixels between tiles / above the first row
 def load_images(root: str, num_images: int, img_size: int = 224) -> Tensor:
     """`num_images` images spread evenly over the folder's listing: ``[N, 3, S, S]`` normalised.
 
-    Unreadable files are skipped (with a warning naming them), as in training.
+    An unreadable file is skipped with a warning naming it, as in training, and the next file of
+    the listing is taken instead.
     """
     dataset = ImageFolder(root, build_eval_transform(img_size))
     step = max(1, len(dataset) // num_images)
-    images = []
-    for index in range(0, step * min(num_images, len(dataset)), step):
-        image, skipped = dataset[index]
-        for what in skipped:
-            logger.warning(f"Skipped unreadable image {what}")
-        images.append(image)
-    return torch.stack(images)
+    starts = range(0, step * min(num_images, len(dataset)), step)
+    return torch.stack([_first_readable(dataset, start) for start in starts])
+
+
+def _first_readable(dataset: ImageFolder, start: int) -> Tensor:
+    """The first image of `dataset` that reads, from index `start` on (wrapping around)."""
+    for offset in range(len(dataset)):
+        image = dataset[(start + offset) % len(dataset)]
+        if image is not None:
+            return image
+    raise RuntimeError(f"none of the {len(dataset)} images under '{dataset.root}' can be read")
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Models: the Hiera backbone and the detector parts built on it (MAE lives in `hiera_det.mae`)."""
+"""Models: the Hiera backbone (`hiera`) and the detector parts built on it (`rpn`, `roi_heads`,
+`norm`, `simple_fpn`). MAE lives in `hiera_det.mae`."""
 
 from .hiera import (
     HIERA_LAYOUTS,
@@ -6,29 +7,24 @@ from .hiera import (
     SAM2_HIERA_SIZES,
     TIMM_ABSWIN_HIERA_SIZES,
     Hiera,
-    HieraBlock,
-    MaskUnitAttention,
     build_hiera,
     reroll,
     resize_pos_embed,
     unroll,
 )
+from .norm import channel_layer_norm
+from .rpn import ConvNormRPNHead
 
 __all__ = [
-    "HIERA_LAYOUTS",
+    "Hiera",
+    "build_hiera",
     "HIERA_SIZES",
+    "HIERA_LAYOUTS",
     "SAM2_HIERA_SIZES",
     "TIMM_ABSWIN_HIERA_SIZES",
-    "Hiera",
-    "HieraBlock",
-    "MaskUnitAttention",
-    "build_hiera",
+    "ConvNormRPNHead",
+    "channel_layer_norm",
     "reroll",
     "resize_pos_embed",
     "unroll",
 ]
-
-from .norm import ChannelLayerNorm, channel_layer_norm  # noqa: E402
-from .rpn import ConvNormRPNHead  # noqa: E402
-
-__all__ += ["ChannelLayerNorm", "ConvNormRPNHead", "channel_layer_norm"]

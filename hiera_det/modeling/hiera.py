@@ -353,25 +353,25 @@ class HieraBlock(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _checked_compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
-    """`Hiera`'s `compile` argument as torch.compile keyword arguments (None: stay eager)."""
+def compile_options(compile: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`Hiera`'s `compile` argument as `nn.Module.compile` keyword arguments (None: stay eager)."""
     if compile is False or compile is None:
         return None
     if compile is True:
         return {}
-    if isinstance(compile, Mapping):
-        known = set(inspect.signature(torch.compile).parameters) - {"model"}
-        unknown = sorted(set(compile) - known)
-        if unknown:
-            raise ValueError(
-                f"compile={dict(compile)!r}: unknown torch.compile argument(s) {unknown}; "
-                f"known: {sorted(known)}"
-            )
-        # plain dicts all the way down: a LazyConfig hands over omegaconf containers
-        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in compile.items()}
-    raise ValueError(
-        f"compile={compile!r} must be True, False or a dict of torch.compile arguments"
-    )
+    if not isinstance(compile, Mapping):
+        raise ValueError(
+            f"compile={compile!r} must be True, False or a dict of torch.compile arguments"
+        )
+    known = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(compile) - known)
+    if unknown:
+        raise ValueError(
+            f"compile={dict(compile)!r}: unknown torch.compile argument(s) {unknown}; "
+            f"known: {sorted(known)}"
+        )
+    # plain dicts all the way down: a LazyConfig hands over omegaconf containers
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in compile.items()}
 
 
 def _checked_stage_windows(
@@ -399,6 +399,19 @@ def _checked_stage_windows(
     if len(stage_windows) != len(stages):
         raise ValueError(f"stage_windows={stage_windows} needs one entry per stage")
     return tuple(stage_windows)
+
+
+def _check_outputs(stages: tuple[int, ...], out_features: Sequence[str], pos_embed_type: str):
+    valid = [f"res{i + 2}" for i in range(len(stages))]
+    if not out_features or any(f not in valid for f in out_features):
+        raise ValueError(f"out_features={tuple(out_features)} must be a subset of {valid}")
+    if pos_embed_type not in ("abs", "abs_win", "sam2"):
+        raise ValueError(f"pos_embed_type={pos_embed_type!r} must be 'abs', 'abs_win' or 'sam2'")
+
+
+def _output_norms(channels: Mapping[str, int]) -> nn.ModuleDict:
+    """One LayerNorm per output stage (`Hiera`'s ``out_norm``)."""
+    return nn.ModuleDict({name: nn.LayerNorm(c, eps=1e-6) for name, c in channels.items()})
 
 
 class Hiera(Backbone):
@@ -435,12 +448,12 @@ class Hiera(Backbone):
         out_norm: add a LayerNorm on each returned stage.
         use_act_checkpoint: recompute each block in backward (saves memory in training).
         use_sdpa: use `F.scaled_dot_product_attention`.
-        compile: run the blocks through `torch.compile` (opt-in; eager is the default and the
-            reference). True for torch.compile's defaults, or a dict of its keyword arguments,
-            e.g. ``{"mode": "max-autotune"}`` or ``{"options": {"freezing": True}}`` (inference
-            only). The stem (patch embedding, position table, masking) stays eager; compilation
+        compile: compile every block with `nn.Module.compile` (PyTorch's regional compilation:
+            the blocks of a stage share one compiled graph). Opt-in; eager is the default and the
+            reference. True for torch.compile's defaults, or a dict of its keyword arguments, e.g.
+            ``{"mode": "max-autotune"}``. The stem and the output maps stay eager; compilation
             happens at the first call (a minute or more on a CPU: docs/benchmarks.md) and again
-            for a new input shape.
+            for a new input shape. Deepcopies and pickles are eager.
 
     The public view of the encoder's geometry, for wrappers such as the MAE (besides Detectron2's
     `output_shape()`, `forward_units`, `unroll_levels_left` and `unit_grid`):
@@ -454,6 +467,7 @@ class Hiera(Backbone):
         in_chans: input channels.
         pretrain_grid: the token grid ``(h, w)`` of `pretrain_img_size` (56x56 at 224 px).
         pos_embed_type: "abs", "abs_win" or "sam2".
+        compile_kwargs: the `nn.Module.compile` arguments every block was compiled with, or None.
     """
 
     def __init__(
@@ -487,106 +501,121 @@ class Hiera(Backbone):
         compile: bool | Mapping[str, Any] = False,
     ):
         super().__init__()
-        stages, q_stride = tuple(stages), tuple(q_stride)
-        self.levels = len(stages) - 1  # unroll levels: one per possible stage transition
-        stage_windows = _checked_stage_windows(
+        windows = _checked_stage_windows(
             stages, q_pool, q_stride, mask_unit_size, mask_unit_attn, patch_stride, stage_windows
         )
-        valid = [f"res{i + 2}" for i in range(len(stages))]
-        if not out_features or any(f not in valid for f in out_features):
-            raise ValueError(f"out_features={tuple(out_features)} must be a subset of {valid}")
-        if pos_embed_type not in ("abs", "abs_win", "sam2"):
-            raise ValueError(
-                f"pos_embed_type={pos_embed_type!r} must be 'abs', 'abs_win' or 'sam2'"
-            )
+        _check_outputs(stages, out_features, pos_embed_type)
+        self.compile_kwargs = compile_options(compile)  # checked before anything is built
+        self._set_geometry(stages, q_stride, mask_unit_size, patch_stride, pretrain_img_size)
+        self.in_chans, self.pos_embed_type = in_chans, pos_embed_type
+        self.use_act_checkpoint = use_act_checkpoint
+        self._build_stem(patch_kernel, patch_padding, embed_dim, pos_embed_global_size)
+        self._build_blocks(
+            stages,
+            q_pool,
+            list(out_features),
+            windows,
+            global_blocks,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            dim_mul=dim_mul,
+            head_mul=head_mul,
+            drop_path_rate=drop_path_rate,
+            mlp_ratio=mlp_ratio,
+            use_sdpa=use_sdpa,
+            layer_scale_init=layer_scale_init,
+            transition_proj=transition_proj,
+        )
+        self.out_norms = _output_norms(self._out_feature_channels) if out_norm else None
+        self._init_weights()
+        for block in self.blocks if self.compile_kwargs is not None else ():
+            block.compile(**self.compile_kwargs)  # regional compilation: one graph per block kind
 
-        self.q_stride = q_stride
-        self.mask_unit_size = tuple(mask_unit_size)
+    def _set_geometry(
+        self,
+        stages: Sequence[int],
+        q_stride: Sequence[int],
+        mask_unit_size: Sequence[int],
+        patch_stride: Sequence[int],
+        pretrain_img_size: int,
+    ) -> None:
+        """The public geometry attributes (see the class docstring)."""
+        self.levels = len(stages) - 1  # unroll levels: one per possible stage transition
+        self.q_stride, self.mask_unit_size = tuple(q_stride), tuple(mask_unit_size)
         self.patch_stride = patch_stride[0]
         self.unit_px = patch_stride[0] * mask_unit_size[0]  # 32: the input must tile into units
-        self.in_chans = in_chans
-        self.pretrain_grid = (
-            pretrain_img_size // patch_stride[0],
-            pretrain_img_size // patch_stride[1],
-        )
-        self.pos_embed_type = pos_embed_type
-        self.use_act_checkpoint = use_act_checkpoint
-        self._compile_options = _checked_compile_options(compile)
+        self.pretrain_grid = tuple(pretrain_img_size // s for s in patch_stride)
 
+    def _build_stem(
+        self,
+        kernel: Sequence[int],
+        padding: Sequence[int],
+        embed_dim: int,
+        global_size: Sequence[int],
+    ) -> None:
+        """The patch embedding and the position table(s)."""
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(
-            in_chans, embed_dim, patch_kernel, patch_stride, patch_padding
-        )
-        if pos_embed_type == "abs":  # official layout [1, h*w, C]
+        stride = (self.patch_stride, self.patch_stride)
+        self.patch_embed.proj = nn.Conv2d(self.in_chans, embed_dim, kernel, stride, padding)
+        if self.pos_embed_type == "abs":  # official layout [1, h*w, C]
             self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.pretrain_grid), embed_dim))
         else:  # timm's and SAM 2's layout [1, C, h, w]
-            self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *pos_embed_global_size))
-            self.pos_embed_win = nn.Parameter(torch.zeros(1, embed_dim, *mask_unit_size))
-
-        self._out_features = list(out_features)
-        self._build_blocks(
-            stages, q_pool, (embed_dim, num_heads, dim_mul, head_mul, mlp_ratio),
-            drop_path_rate, stage_windows, global_blocks,
-            dict(use_sdpa=use_sdpa, layer_scale_init=layer_scale_init,
-                 transition_proj=transition_proj),
-        )  # fmt: skip
-        self.out_norms = (
-            nn.ModuleDict(
-                {f: nn.LayerNorm(self._out_feature_channels[f], eps=1e-6) for f in out_features}
-            )
-            if out_norm
-            else None
-        )
-        self._init_weights()
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *global_size))
+            self.pos_embed_win = nn.Parameter(torch.zeros(1, embed_dim, *self.mask_unit_size))
 
     def _build_blocks(
         self,
         stages: tuple[int, ...],
         q_pool: int,
-        widths: tuple[int, int, float, float, float],
-        drop_path_rate: float,
+        out_features: list[str],
         stage_windows: Sequence[int],
         global_blocks: Sequence[int],
-        block_options: dict,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        dim_mul: float,
+        head_mul: float,
+        drop_path_rate: float,
+        **block_options,
     ) -> None:
-        """Build `self.blocks` up to the last stage in `_out_features`, and record per output its
+        """Build `self.blocks` up to the last stage in `out_features`, and record per output its
         channels, stride and tap (the block it is read after, and its unroll levels left).
-
-        `widths` is ``(embed_dim, num_heads, dim_mul, head_mul, mlp_ratio)``; `block_options` go
-        to every `HieraBlock`.
-        """
-        dim, heads, dim_mul, head_mul, mlp_ratio = widths
+        `block_options` (``mlp_ratio``, ``use_sdpa``, ...) go to every `HieraBlock`."""
+        self._out_features, stages = out_features, tuple(stages)
         stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
         pool_blocks = {end + 1 for end in stage_ends[:q_pool]}
         last_stage = max(int(f[3:]) - 2 for f in self._out_features)
-        depth = sum(stages)
-        # Stochastic depth rises linearly over all blocks (plain Python: meta-device friendly).
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        built = stage_ends[last_stage] + 1
+        depth, built = sum(stages), stage_ends[last_stage] + 1
         if any(not 0 <= b < built for b in global_blocks):
             raise ValueError(
                 f"global_blocks={tuple(global_blocks)} must index the {built} blocks this Hiera "
                 f"builds (stages={stages}, out_features={tuple(self._out_features)})"
             )
-        flat_q = math.prod(self.q_stride)
         self._out_feature_channels, self._out_feature_strides = {}, {}
         self._taps: dict[int, tuple[str, int]] = {}  # block index -> (name, unroll levels left)
         self.blocks = nn.ModuleList()
-        stage, stride, pools = 0, self.patch_stride, 0
+        dim, heads, stage, stride, pools = embed_dim, num_heads, 0, self.patch_stride, 0
         for i in range(built):
             window = stage_windows[stage]  # a transition block keeps the previous stage's kind
             dim_out, q = dim, 1
             if i - 1 in stage_ends:
                 dim_out, heads, stage = int(dim * dim_mul), int(heads * head_mul), stage + 1
-                if i in pool_blocks:
-                    q, stride, pools = flat_q, stride * self.q_stride[0], pools + 1
-            if i in global_blocks:
-                window = 0
+                if i in pool_blocks:  # the queries and the skip are max-pooled
+                    q, pools = math.prod(self.q_stride), pools + 1
+                    stride *= self.q_stride[0]
             self.blocks.append(
-                HieraBlock(dim, dim_out, heads, mlp_ratio, dpr[i], q, window, **block_options)
+                HieraBlock(
+                    dim=dim,
+                    dim_out=dim_out,
+                    heads=heads,
+                    # stochastic depth rising linearly over all blocks
+                    drop_path=drop_path_rate * i / max(depth - 1, 1),
+                    q_stride=q,
+                    window=0 if i in global_blocks else window,
+                    **block_options,
+                )
             )
-            dim = dim_out
-            name = f"res{stage + 2}"
+            dim, name = dim_out, f"res{stage + 2}"
             if i == stage_ends[stage] and name in self._out_features:
                 self._taps[i] = (name, self.levels - pools)
                 self._out_feature_channels[name] = dim
@@ -624,37 +653,41 @@ class Hiera(Backbone):
         glob = resize_pos_embed(self.pos_embed, (h, w), antialias=antialias)
         return (glob + win).permute(0, 2, 3, 1)
 
-    def forward_units(self, images: Tensor, visible: Tensor | None = None) -> dict[str, Tensor]:
+    def forward_units(self, images: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:
         """Run the encoder and return the stages of `out_features` in unit layout.
 
         Args:
             images: ``[B, C, H, W]`` with H and W multiples of 32.
-            visible: optional ``[B, H/32 * W/32]`` bool, True for mask units to keep (sparse MAE);
-                every image must keep the same number of units.
+            keep: optional ``[B, K]`` long, the indices (row-major over the unit grid, in
+                increasing order) of the mask units to keep (sparse MAE); static shapes.
         Returns:
             ``{name: [B, U, T_s, C_s]}`` with U the kept units, T_s tokens per unit in unrolled
             order (`reroll` with ``self.unroll_levels_left(name)`` restores spatial order).
         """
-        x, grid = self._stem(images, visible)
-        return self._blocks_fn()(x, grid, spatial=False)
+        x, grid = self._stem(images, keep)
+        return {name: units for name, units, _ in self._tapped_blocks(x, grid)}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``[B, C, H, W]`` -> ``{"res2": [B, C1, H/4, W/4], ..., "res5": [B, C4, H/32, W/32]}``."""
         x, grid = self._stem(images)
-        return self._blocks_fn()(x, grid, spatial=True)
+        # Each output is rerolled as soon as its block has run, so that no unit-layout copy of
+        # an earlier stage is kept alive through the later ones.
+        return {
+            name: self._to_map(units, grid, name, levels)
+            for name, units, levels in self._tapped_blocks(x, grid)
+        }
 
-    def _run_blocks(
-        self, x: Tensor, grid: tuple[int, int] | None, spatial: bool
-    ) -> dict[str, Tensor]:
-        """Every block in turn; each tapped block's tokens, in unit layout or (`spatial`) as the
-        ``[B, C, H, W]`` map (rerolled and, with `out_norm`, normalised) as soon as it is made."""
-        outputs = {}
+    def _tapped_blocks(self, x: Tensor, grid: tuple[int, int] | None):
+        """Run every block in turn; yield ``(name, units [B, U, T, C], unroll levels left)`` after
+        each block that ends an output stage."""
         for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, grid)
+            if self.use_act_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
             if i in self._taps:
                 name, levels = self._taps[i]
-                outputs[name] = self._to_map(x, grid, name, levels) if spatial else x
-        return outputs
+                yield name, x, levels
 
     def _to_map(self, x: Tensor, grid: tuple[int, int], name: str, levels: int) -> Tensor:
         y = reroll(x, grid, levels, self.q_stride)  # [B, H_s, W_s, C_s]
@@ -662,48 +695,27 @@ class Hiera(Backbone):
             y = self.out_norms[name](y)
         return y.permute(0, 3, 1, 2).contiguous()
 
-    def _blocks_fn(self):
-        """`_run_blocks`, compiled on first use when `compile` was given."""
-        if self._compile_options is None:
-            return self._run_blocks
-        compiled = self.__dict__.get("_compiled_blocks")
-        if compiled is None:
-            compiled = torch.compile(self._run_blocks, **self._compile_options)
-            self.__dict__["_compiled_blocks"] = compiled  # not a submodule: kept out of state
-        return compiled
-
-    def __getstate__(self):
-        """Pickling and deepcopy leave the compiled function out; the copy compiles anew."""
-        state = dict(super().__getstate__())
-        state.pop("_compiled_blocks", None)
-        return state
-
     def unroll_levels_left(self, name: str) -> int:
         """Unroll levels not yet consumed by pooling at the output `name` (for `reroll`)."""
         return next(levels for n, levels in self._taps.values() if n == name)
 
-    def _stem(self, images: Tensor, visible: Tensor | None = None):
-        """Patch embedding + position embedding + unroll: ``[B, U, T, C]`` and the unit grid."""
+    def _stem(self, images: Tensor, keep: Tensor | None = None):
+        """Patch embedding + position embedding + unroll: ``[B, U, T, C]`` and the unit grid
+        (None once units were dropped: kept units no longer form a grid)."""
         grid = self.unit_grid(images)
-        if visible is not None:
-            # Zero the masked pixels first so the 7x7 patch conv cannot see across into them.
-            pixel_mask = F.interpolate(
-                visible.view(-1, 1, *grid).to(images.dtype), size=images.shape[-2:]
-            )
-            images = images * pixel_mask
+        if keep is not None:
+            # Zero the dropped pixels first so the 7x7 patch conv cannot see across into them.
+            kept = images.new_zeros(images.shape[0], grid[0] * grid[1]).scatter(1, keep, 1.0)
+            images = images * F.interpolate(kept.view(-1, 1, *grid), size=images.shape[-2:])
         x = self.patch_embed.proj(images).permute(0, 2, 3, 1)  # [B, h, w, C]
-        x = x + self.get_pos_embed(x.shape[1:3])
+        # In the tokens' dtype: under bf16/fp16 autocast the fp32 table would promote the whole
+        # residual stream to fp32 (a cast before and after every block's matmuls).
+        x = x + self.get_pos_embed(x.shape[1:3]).to(x.dtype)
         x = unroll(x, self.levels, self.q_stride)  # [B, U, T, C]
-        if visible is not None:
-            B, _, T, C = x.shape
-            x = x[visible].view(B, -1, T, C)
-            grid = None  # kept units no longer form a grid: windowed attention is unavailable
-        return x, grid
-
-    def _run_block(self, blk: HieraBlock, x: Tensor, grid: tuple[int, int] | None) -> Tensor:
-        if self.use_act_checkpoint and self.training:
-            return torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
-        return blk(x, grid)
+        if keep is None:
+            return x, grid
+        B, _, T, C = x.shape
+        return x.gather(1, keep.view(B, -1, 1, 1).expand(-1, -1, T, C)), None
 
     def unit_grid(self, images: Tensor) -> tuple[int, int]:
         """The mask unit grid ``(H / unit_px, W / unit_px)`` of ``[B, C, H, W]`` `images`; raises

@@ -1,7 +1,8 @@
 """Detectron2's RoI heads, fed feature maps that RoIAlign can read without copying them again.
 
-The FPN's maps come out of `ChannelLayerNorm` channels-last strided. torchvision's `roi_align`
-makes its input contiguous (and, under autocast, casts it to fp32) on every call, so the box
+The FPN's maps come out of its `LayerNorm2d` (`hiera_det.modeling.norm`) channels-last strided.
+torchvision's `roi_align` makes its input contiguous (and, under autocast, casts it to fp32) on
+every call, so the box
 pooler and the mask pooler each copy every pooled FPN level, and under bf16/fp16 autocast each
 copies it twice (cast, then layout). These heads lay the pooled levels out once, as one contiguous
 fp32 copy under autocast (contiguous in the maps' own dtype otherwise), before Detectron2's own

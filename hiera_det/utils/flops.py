@@ -13,7 +13,7 @@ from fvcore.nn import FlopCountAnalysis as PlainFlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-__all__ = ["backbone_trunk", "count_flops", "flop_analysis", "sdpa_flop_jit", "zero_score_thresh"]
+__all__ = ["backbone_trunk", "count_flops", "flop_analysis", "sdpa_flop_jit"]
 
 
 def sdpa_flop_jit(inputs, outputs) -> int:
@@ -48,14 +48,3 @@ def backbone_trunk(model: nn.Module) -> nn.Module:
     """The network inside a detector's backbone: FPN's `bottom_up` or a simple pyramid's `net`."""
     backbone = model.backbone
     return getattr(backbone, "bottom_up", None) or getattr(backbone, "net", None) or backbone
-
-
-def zero_score_thresh(model: nn.Module) -> None:
-    """Let the RoI heads keep their full 100 detections, as a trained model does on COCO.
-
-    Cascade heads hold one predictor per stage; all are set.
-    """
-    heads = getattr(model, "roi_heads", None)
-    for predictor in getattr(heads, "box_predictors", [getattr(heads, "box_predictor", None)]):
-        if predictor is not None:
-            predictor.test_score_thresh = 0.0

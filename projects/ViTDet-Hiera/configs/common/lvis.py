@@ -16,8 +16,7 @@ counts an LVIS epoch as 100k images, so 100 epochs at batch 64 are 156250 iterat
 from detectron2.config import LazyCall as L
 
 from hiera_det.data.lvis import build_lvis_evaluator, fed_loss_cls_weights
-
-from .....configs.common.schedule import iterations_for, step_lr_multiplier
+from hiera_det.engine.schedule import iterations_for, step_lr_multiplier
 
 LVIS_TRAIN_IMAGES = 100_000  # ViTDet's LVIS v1 epoch (the train split has 100,170 images)
 LVIS_100EP_ITERS = iterations_for(epochs=100, batch_size=64, images=LVIS_TRAIN_IMAGES)  # 156250
