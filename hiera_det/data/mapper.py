@@ -1,10 +1,10 @@
 """The training-time mapper: `RobustDatasetMapper` is Detectron2's `DatasetMapper` (same
 arguments) that reads every image mode correctly (`read_image_any`), skips an unreadable, missing
-or wrongly sized image with a warning naming the file and a running count (returning None makes
-the loader take another image), drops the annotations `find_annotation_problem` rejects, and stops
-when `max_consecutive_failures` images in a row are unreadable (the image folder itself is
-broken). `EvaluationDatasetMapper` is `DatasetMapper` whose read errors name the file. Policies in
-docs/reliability.md.
+or wrongly sized image by `BadImageSkipper`'s policy (a warning naming the file and a running
+count; returning None makes the loader take another image; a stop when
+`max_consecutive_failures` images in a row are unreadable) and drops the annotations
+`find_annotation_problem` rejects. `EvaluationDatasetMapper` is `DatasetMapper` whose read errors
+name the file. Policies in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.dataset_mapper import DatasetMapper
 
-from .images import BadImageError, read_image_any
+from .images import BadImageError, BadImageSkipper, read_image_any
 from .validation import find_annotation_problem
 
 __all__ = ["EvaluationDatasetMapper", "RobustDatasetMapper"]
@@ -34,40 +34,33 @@ class RobustDatasetMapper(DatasetMapper):
             the data is broken, not a few files.
         *args, **kwargs: `DatasetMapper`'s.
 
-    Returns None (Detectron2's loader then maps another image) for an image that is missing,
-    unreadable or of another size than its annotation says, logging the file and the running count
-    of this process (each loader worker counts its own). Annotations that `find_annotation_problem`
-    rejects are dropped. Images are read with `read_image_any` (any mode, 16-bit scaled).
+    Returns None (the loader then maps another image) for an image that is missing, unreadable or
+    of another size than its annotation says, logging the file and the running count of this
+    process (`BadImageSkipper`; each loader worker counts its own). Annotations that
+    `find_annotation_problem` rejects are dropped. Images are read with `read_image_any` (any
+    mode, 16-bit scaled).
     """
 
     def __init__(self, *args, max_consecutive_failures: int = 100, **kwargs):
         super().__init__(*args, **kwargs)
         if self.image_format not in ("BGR", "RGB"):
             raise ValueError(f"image_format must be 'BGR' or 'RGB', got {self.image_format!r}")
-        self.max_consecutive_failures = max_consecutive_failures
-        self.num_skipped_images = 0
+        self.skipper = BadImageSkipper(max_consecutive_failures)
         self.num_skipped_annotations = 0
-        self._consecutive_failures = 0
 
-    def _read(self, dataset_dict: dict) -> np.ndarray | None:
-        path = dataset_dict["file_name"]
+    @property
+    def num_skipped_images(self) -> int:
+        """Images this process has skipped so far."""
+        return self.skipper.num_skipped
+
+    def _read(self, dataset_dict: dict) -> np.ndarray:
+        """The image of `dataset_dict`, or `BadImageError` (naming the file) when it cannot be
+        read or is not of the size the dataset says."""
+        image = read_image_any(dataset_dict["file_name"], self.image_format)
         try:
-            image = read_image_any(path, self.image_format)
             utils.check_image_size(dataset_dict, image)
-        except (BadImageError, utils.SizeMismatchError) as e:
-            self.num_skipped_images += 1
-            self._consecutive_failures += 1
-            logger.warning(
-                f"Skipped image: {e} ({self.num_skipped_images} images skipped so far by this "
-                "process)"
-            )
-            if self._consecutive_failures >= self.max_consecutive_failures:
-                raise RuntimeError(
-                    f"{self._consecutive_failures} images in a row could not be read (the last: "
-                    f"{path}); the image folder or the annotation file is wrong"
-                ) from e
-            return None
-        self._consecutive_failures = 0
+        except utils.SizeMismatchError as e:  # its message names the file
+            raise BadImageError(str(e)) from e
         return image
 
     def _drop_bad_annotations(self, dataset_dict: dict, width: int, height: int) -> None:
@@ -82,7 +75,7 @@ class RobustDatasetMapper(DatasetMapper):
         dataset_dict["annotations"] = kept
 
     def __call__(self, dataset_dict: dict) -> dict | None:
-        image = self._read(dataset_dict)
+        image = self.skipper.read(dataset_dict["file_name"], lambda _: self._read(dataset_dict))
         if image is None:
             return None
         dataset_dict = copy.deepcopy(dataset_dict)  # modified below

@@ -24,25 +24,29 @@ is a pure function of ``(seed, iteration, ...)`` instead of a stream's history:
    the trainer's start iteration, and stores the seed in the checkpoint, so that a run started
    with a random seed (``train.seed=-1``) also resumes on its own stream.
 
-The same pieces serve detection (`build_resumable_train_loader`, a drop-in for Detectron2's
-`build_detection_train_loader`) and MAE (its image-folder loader).
+The same loader serves detection (`build_resumable_train_loader`, a drop-in for Detectron2's
+`build_detection_train_loader` without its `sampler` argument) and MAE (its image folder).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
 import random
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from detectron2.data.build import build_batch_data_loader, build_detection_train_loader
+from detectron2.data.build import build_batch_data_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
 from torch.utils.data import Dataset, Sampler
+
+from ..utils import signals
 
 __all__ = [
     "ResumableDataLoader",
@@ -142,11 +146,11 @@ class ResumableTrainingSampler(Sampler):
             raise ValueError(f"{len(group_ids)} group ids for {size} images")
         self.size, self.total_batch_size, self.shuffle = size, total_batch_size, shuffle
         self.group_ids = None if group_ids is None else np.asarray(group_ids)
-        self.repeat_factors = self._int_part = self._frac_part = None
+        self.repeat_factors = self._repeat_floor = self._repeat_fraction = None
         if repeat_factors is not None:
             self.repeat_factors = _check_repeat_factors(repeat_factors, size)  # float64 tensor
-            self._int_part = torch.trunc(self.repeat_factors)
-            self._frac_part = self.repeat_factors - self._int_part
+            self._repeat_floor = torch.trunc(self.repeat_factors)
+            self._repeat_fraction = self.repeat_factors - self._repeat_floor
         self.seed = shared_seed(seed)
         self.start_iter = 0
         self.batch_size = total_batch_size // world  # per process
@@ -158,7 +162,7 @@ class ResumableTrainingSampler(Sampler):
         self.seed, self.start_iter = int(seed), int(start_iter)
 
     def _epoch(self, epoch: int) -> np.ndarray:
-        if self._int_part is not None:
+        if self._repeat_floor is not None:
             return self._repeated_epoch(epoch)
         if not self.shuffle:
             return np.arange(self.size)
@@ -169,8 +173,8 @@ class ResumableTrainingSampler(Sampler):
         """Per image, how often `epoch` holds it (stochastic rounding of the repeat factors), and
         the epoch's generator, to draw the permutation from next."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
-        rands = torch.rand(self.size, generator=g, dtype=self._frac_part.dtype)
-        return (self._int_part + (rands < self._frac_part)).long(), g
+        rands = torch.rand(self.size, generator=g, dtype=self._repeat_fraction.dtype)
+        return (self._repeat_floor + (rands < self._repeat_fraction)).long(), g
 
     def _repeated_epoch(self, epoch: int) -> np.ndarray:
         repeats, g = self._repeats(epoch)
@@ -181,7 +185,7 @@ class ResumableTrainingSampler(Sampler):
 
     def _stream(self, position: int) -> Iterator[int]:
         """The concatenated epochs from `position` on."""
-        if self._int_part is None:
+        if self._repeat_floor is None:
             epoch, offset = divmod(position, self.size)
         else:  # epochs differ in length: add them up (rounding only, no permutations)
             epoch, offset = 0, position
@@ -277,50 +281,86 @@ def aspect_ratio_groups(dataset_dicts: Sequence[dict]) -> list[int]:
 
 
 class ResumableDataLoader:
-    """An iterable of per-process batches (lists of mapped samples) with `set_position`.
+    """An iterable of per-process batches (lists of mapped samples, or what `collate_fn` makes of
+    them) with `set_position`.
 
-    Built by `build_resumable_train_loader`; ``sampler`` is its `ResumableTrainingSampler`.
+    Built by `build_resumable_train_loader`; ``sampler`` is its `ResumableTrainingSampler`. Its
+    loader workers never receive a cluster's stop signals (`hiera_det.utils.signals`), so they
+    cannot be ended by SIGTERM either, as Python ends a process's daemonic children when it
+    exits: `close` ends them (shutting each iterator down as PyTorch does), and is called when
+    the process exits and by train_net.py when training ends.
     """
 
     def __init__(self, loader, sampler: ResumableTrainingSampler):
         self.loader = loader
         self.sampler = sampler
+        self._iterators: weakref.WeakSet = weakref.WeakSet()
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     def set_position(self, seed: int, start_iter: int) -> None:
         self.sampler.set_position(seed, start_iter)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
         # A DataLoader iterator draws its workers' base seed from torch's global RNG when created:
         # at the first step of a run, which a resumed run does not share with the original one.
-        with preserved_rngs():
-            return iter(self.loader)
+        # It forks the workers: they must never act on a cluster's stop signals.
+        with preserved_rngs(), signals.blocked():
+            batches = _closable(iter(self.loader))
+        self._iterators.add(batches)
+        return batches
+
+    def close(self) -> None:
+        """Shut down the loader workers of every iterator (iterating again starts new ones)."""
+        for batches in list(self._iterators):
+            batches.close()
 
 
-def _resolve_repeat_factors(dataset, sampler, repeat_factors, repeat_thresh):
-    """``(repeat_factors, shuffle, sampler)`` from `build_resumable_train_loader`'s arguments:
-    factors computed from `repeat_thresh` or taken from a `RepeatFactorTrainingSampler` (then
-    ``sampler`` is None); another sampler is returned as is (Detectron2's loader then)."""
-    shuffle = True
-    if repeat_thresh is not None:
-        if repeat_factors is not None:
-            raise ValueError("pass repeat_factors or repeat_thresh, not both")
-        if not isinstance(dataset, list):
-            raise ValueError("repeat_thresh needs a list of dataset dicts with annotations")
-        repeat_factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset, repeat_thresh
-        )
-    if isinstance(sampler, RepeatFactorTrainingSampler):
-        if repeat_factors is not None:
-            raise ValueError("pass repeat_factors or a RepeatFactorTrainingSampler, not both")
-        repeat_factors = sampler._int_part + sampler._frac_part
-        shuffle = sampler._shuffle
-        sampler = None
-    if sampler is not None and repeat_factors is not None:
-        raise ValueError(
-            f"repeat_factors need the resumable sampler: pass them without sampler= "
-            f"({type(sampler).__name__})"
-        )
-    return repeat_factors, shuffle, sampler
+def _closable(batches: Iterator) -> Iterator:
+    """`batches` in a generator: closing it drops the DataLoader iterator, whose finalizer stops
+    the workers with PyTorch's own shutdown."""
+    yield from batches
+
+
+def _close_if_alive(loader: weakref.ref) -> None:
+    if loader() is not None:
+        loader().close()
+
+
+def _check_no_sampler(sampler) -> None:
+    """Refuse `sampler=`: the stream must be a function of ``(seed, iteration)`` to resume, and
+    another sampler's state is its own (Detectron2's keep their factors and order private)."""
+    if sampler is None:
+        return
+    raise ValueError(
+        f"build_resumable_train_loader takes no sampler= (got {type(sampler).__name__}): it "
+        "samples itself, resumably. For repeat-factor sampling pass repeat_factors=... (e.g. "
+        "Detectron2's RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, "
+        "thresh)) or repeat_thresh=thresh; for a sampler of your own use Detectron2's "
+        "build_detection_train_loader (not resumable)"
+    )
+
+
+def _as_dataset(dataset, aspect_ratio_grouping: bool) -> tuple[Dataset, list[int] | None]:
+    """``(map-style dataset, aspect-ratio group per image or None)``."""
+    if isinstance(dataset, list):
+        groups = aspect_ratio_groups(dataset) if aspect_ratio_grouping else None
+        return DatasetFromList(dataset, copy=False), groups
+    if aspect_ratio_grouping:
+        raise ValueError("aspect_ratio_grouping needs a list of dataset dicts with width/height")
+    return dataset, None
+
+
+def _resolve_repeat_factors(dataset, repeat_factors, repeat_thresh: float | None):
+    """`repeat_factors`, or those Detectron2 computes from `dataset` at `repeat_thresh`."""
+    if repeat_thresh is None:
+        return repeat_factors
+    if repeat_factors is not None:
+        raise ValueError("pass repeat_factors or repeat_thresh, not both")
+    if not isinstance(dataset, list):
+        raise ValueError("repeat_thresh needs a list of dataset dicts with annotations")
+    return RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+        dataset, repeat_thresh
+    )
 
 
 def build_resumable_train_loader(
@@ -332,16 +372,19 @@ def build_resumable_train_loader(
     num_workers: int = 0,
     seed: int | None = None,
     collate_fn: Callable | None = None,
-    sampler: Sampler | None = None,
     repeat_factors: torch.Tensor | np.ndarray | Sequence[float] | None = None,
     repeat_thresh: float | None = None,
-):
-    """Detectron2's `build_detection_train_loader` (same arguments, plus `seed`) made resumable
-    and identical for any number of processes and loader workers; see the module docstring.
+    pin_memory: bool = False,
+    sampler: None = None,
+) -> ResumableDataLoader:
+    """Detectron2's `build_detection_train_loader` (its arguments but `sampler`, plus `seed`,
+    repeat factors and `pin_memory`) made resumable and identical for any number of processes and
+    loader workers; see the module docstring.
 
     Args:
         dataset: a list of dataset dicts (e.g. `get_detection_dataset_dicts`) or a map-style
             dataset; aspect-ratio grouping needs dicts with ``width`` and ``height``.
+        mapper: applied to each item (None: the item as is); returning None takes another item.
         seed: the stream's seed (`DeterministicSteps` sets it from ``train.seed`` / the
             checkpoint before training); None: a random one, shared by all processes.
         repeat_factors: per-image repeat factors (LVIS's repeat-factor sampling, e.g.
@@ -350,38 +393,14 @@ def build_resumable_train_loader(
         repeat_thresh: compute `repeat_factors` from `dataset` (a list of dicts) with
             `RepeatFactorTrainingSampler.repeat_factors_from_category_frequency` at this
             threshold (LVIS: 0.001), without loading the dataset a second time.
-        sampler: a `RepeatFactorTrainingSampler`: its repeat factors and `shuffle` are used as
-            `repeat_factors` (its own seed is not: the stream's is `seed`), resumable. Another
-            sampler: this is Detectron2's `build_detection_train_loader`, not resumable (a
-            resumed run logs that it reads a new data stream).
+        pin_memory: torch's `DataLoader` option (faster copies to a GPU).
+        sampler: refused (ValueError saying what to pass instead): the loader samples itself.
     """
-    repeat_factors, shuffle, sampler = _resolve_repeat_factors(
-        dataset, sampler, repeat_factors, repeat_thresh
-    )
-    if sampler is not None:  # not resumable: Detectron2's loader
-        return build_detection_train_loader(
-            dataset,
-            mapper=mapper,
-            sampler=sampler,
-            total_batch_size=total_batch_size,
-            aspect_ratio_grouping=aspect_ratio_grouping,
-            num_workers=num_workers,
-            collate_fn=collate_fn,
-        )
-    if isinstance(dataset, list):
-        groups = aspect_ratio_groups(dataset) if aspect_ratio_grouping else None
-        dataset = DatasetFromList(dataset, copy=False)
-    elif aspect_ratio_grouping:
-        raise ValueError("aspect_ratio_grouping needs a list of dataset dicts with width/height")
-    else:
-        groups = None
+    _check_no_sampler(sampler)
+    repeat_factors = _resolve_repeat_factors(dataset, repeat_factors, repeat_thresh)
+    dataset, groups = _as_dataset(dataset, aspect_ratio_grouping)
     sampler = ResumableTrainingSampler(
-        len(dataset),
-        total_batch_size,
-        seed,
-        shuffle=shuffle,
-        group_ids=groups,
-        repeat_factors=repeat_factors,
+        len(dataset), total_batch_size, seed, group_ids=groups, repeat_factors=repeat_factors
     )
     if repeat_factors is not None:
         factors = sampler.repeat_factors
@@ -397,5 +416,6 @@ def build_resumable_train_loader(
         aspect_ratio_grouping=False,  # done by the sampler, on the global stream
         num_workers=num_workers,
         collate_fn=collate_fn,
+        pin_memory=pin_memory,
     )
     return ResumableDataLoader(loader, sampler)

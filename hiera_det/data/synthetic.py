@@ -38,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from iopath.common.file_io import file_lock
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
@@ -297,6 +298,16 @@ def ensure_synthetic(
     root = Path(root) if root is not None else default_root()
     if not force and is_cached(spec, root):
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # One process writes, the others (ranks of one run) wait and then find the dataset made;
+    # the lock is the file `<root>.lock` beside the dataset.
+    with file_lock(str(root)):
+        if force or not is_cached(spec, root):
+            _write_synthetic(spec, root, progress)
+    return root
+
+
+def _write_synthetic(spec: SyntheticSpec, root: Path, progress: bool) -> None:
     # Regenerate from scratch so that no file of an older spec survives.
     (root / "stamp.json").unlink(missing_ok=True)
     for sub in (*SPLITS, "annotations"):
@@ -306,7 +317,6 @@ def ensure_synthetic(
         coco = _annotation_json(spec, split, root, progress)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     (root / "stamp.json").write_text(json.dumps(spec.stamp(), indent=2))
-    return root
 
 
 def register_synthetic(
