@@ -8,10 +8,11 @@ backbone into a `Hiera` and reports what happened; `HieraCheckpointer` is Detect
 of them and every MAE model (training, resuming, pictures) loads its weights through it.
 
 Checkpoints are data, not code: every ``torch.load`` of a checkpoint in `hiera_det` goes through
-`_read_checkpoint` (``weights_only=True``) and every plain-pickle file (model-zoo ``.pkl``) through
-`_read_pickle_checkpoint` (numpy arrays, dicts, lists, numbers, strings only). A file that needs
-more raises `UnsafeCheckpointError` naming the file and what it needed; only a file listed in
-``$HIERA_DET_TRUST_CHECKPOINTS`` (`TRUST_ENV`) is loaded with full pickle.
+`_read_checkpoint` (``weights_only=True``), and a file that Detectron2 reads itself (a model-zoo
+``.pkl`` with plain pickle, a pycls ``.pyth``) is first read by a safe reader (`_check_data_only`:
+`_DataUnpickler`, numpy arrays, dicts, lists, numbers, strings only; or `_read_checkpoint`). A
+file that needs more raises `UnsafeCheckpointError` naming the file and what it needed; only a
+file listed in ``$HIERA_DET_TRUST_CHECKPOINTS`` (`TRUST_ENV`) is loaded with full pickle.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import pickle
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.file_io import PathManager
 from torch import Tensor, nn
 
-from .checkpoint_download import is_damaged_file_error, reading_checkpoint
+from .checkpoint_download import fetch_checkpoint, is_damaged_file_error, reading_checkpoint
 from .modeling.hiera import HIERA_SIZES, Hiera, resize_pos_embed
 
 __all__ = [
@@ -267,13 +268,6 @@ def _torch_refusal(err: Exception) -> str:
     return (found.group(1) if found else text.strip().splitlines()[0]).strip()
 
 
-def _local_checkpoint(path: str) -> str:
-    local = PathManager.get_local_path(path)
-    if not os.path.isfile(local):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return local
-
-
 def _read_checkpoint(path: str) -> Mapping:
     """Read a ``torch.save`` checkpoint (path or URL) onto the CPU: the one ``torch.load`` of
     `hiera_det`, always ``weights_only=True`` unless the user trusts the file (`TRUST_ENV`).
@@ -281,7 +275,7 @@ def _read_checkpoint(path: str) -> Mapping:
     Raises:
         UnsafeCheckpointError: the file needs more than tensors and plain Python data.
     """
-    local = _local_checkpoint(path)
+    local = fetch_checkpoint(path)
     trusted = _trusted(path, local)
     if trusted:
         logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
@@ -327,15 +321,20 @@ class _DataUnpickler(pickle.Unpickler):
         raise _unsafe_checkpoint(self._source, self._local, f"the global {module}.{name}")
 
 
-def _read_pickle_checkpoint(path: str) -> Mapping:
-    """Read a plain-pickle checkpoint (Detectron2/Caffe2 model zoo ``.pkl``) with `_DataUnpickler`,
-    or with full pickle when the user trusts the file (`TRUST_ENV`)."""
-    local = _local_checkpoint(path)
+def _check_data_only(path: str) -> None:
+    """Raise `UnsafeCheckpointError` naming `path` unless the checkpoint file is data only, read
+    by a reader that never runs code from it: `_DataUnpickler` for a plain-pickle ``.pkl``
+    (Detectron2/Caffe2 model zoo), ``torch.load(weights_only=True)`` for other files. A file the
+    user trusts (`TRUST_ENV`) is not checked."""
+    local = fetch_checkpoint(path)
+    if _trusted(path, local):
+        logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
+        return
+    if not local.endswith(".pkl"):
+        _read_checkpoint(path)
+        return
     with reading_checkpoint(local), open(local, "rb") as f:
-        if _trusted(path, local):
-            logger.warning(f"Loading {path} with full pickle: it is listed in ${TRUST_ENV}")
-            return pickle.load(f, encoding="latin1")
-        return _DataUnpickler(f, path, local).load()
+        _DataUnpickler(f, path, local).load()
 
 
 def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport:
@@ -354,14 +353,6 @@ def load_hiera_checkpoint(model: Hiera, checkpoint: str | Mapping) -> LoadReport
     model.load_state_dict(adapt_hiera_state_dict(model, state, report), strict=False)
     logger.info(str(report))
     return report
-
-
-def _pycls_content(filename: str, data: Mapping) -> dict:
-    """A pycls ``.pyth`` file's content as Detectron2 reads it (`DetectionCheckpointer`)."""
-    if "model_state" not in data:
-        raise KeyError(f"Cannot load .pyth file {filename}: pycls checkpoints hold 'model_state'")
-    state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
-    return {"model": state, "__author__": "pycls", "matching_heuristics": True}
 
 
 @contextlib.contextmanager
@@ -411,6 +402,10 @@ class HieraCheckpointer(DetectionCheckpointer):
     are placed under the `Hiera` submodule (e.g. ``backbone.bottom_up.``). A size mismatch raises
     `CheckpointMismatchError`; what loaded and what did not is logged as one report.
 
+    A path or URL is resolved by `fetch_checkpoint` (the same errors as everywhere: a URL that
+    cannot be downloaded, a missing or damaged file); every file is read as data only (see the
+    module docstring).
+
     Saving is atomic on local disks: a checkpoint (and the `last_checkpoint` tag) is written to a
     temporary file and renamed, so a run killed while saving keeps its previous checkpoint intact.
 
@@ -429,9 +424,12 @@ class HieraCheckpointer(DetectionCheckpointer):
         self._source = ""
 
     def load(self, path: str, *args, **kwargs):
-        if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        """`DetectionCheckpointer.load`, with a URL fetched by `fetch_checkpoint` (a URL that
+        cannot be had, a missing or damaged file: an error that names it and says what to do)."""
         self._source = path
+        if path:
+            query = urlparse(path).query  # Detectron2 reads ``?matching_heuristics=True``
+            path = fetch_checkpoint(path) + (f"?{query}" if query else "")
         return super().load(path, *args, **kwargs)
 
     def _torch_load(self, filename: str) -> Mapping:
@@ -457,27 +455,14 @@ class HieraCheckpointer(DetectionCheckpointer):
         )
 
     def _load_file(self, filename: str) -> dict:
-        # DetectionCheckpointer reads .pkl with plain pickle and .pyth with torch's default
-        # weights_only: those two formats are read here with the safe readers instead.
-        if filename.endswith(".pkl"):
-            loaded = self._model_zoo_content(_read_pickle_checkpoint(filename))
-        elif filename.endswith(".pyth"):
-            loaded = _pycls_content(filename, _read_checkpoint(filename))
-        else:  # torch files: through _torch_load; Detectron2 handles the URL query
-            with reading_checkpoint(filename):  # a truncated .pth: an error naming the file
-                loaded = super()._load_file(filename)
+        # DetectionCheckpointer reads a .pkl with plain pickle and a .pyth with torch.load's
+        # defaults: such a file is read by a safe reader first, so that it is refused before any
+        # code in it runs. Torch files go through `_torch_load`, which is the safe reader.
+        if filename.endswith((".pkl", ".pyth")):
+            _check_data_only(filename)
+        with reading_checkpoint(filename):  # a truncated file: an error naming it
+            loaded = super()._load_file(filename)
         return self._fit_hiera(filename, loaded)
-
-    def _model_zoo_content(self, data: Mapping) -> dict:
-        """Detectron2's reading of a model-zoo ``.pkl``'s content, as in
-        `DetectionCheckpointer._load_file`: a Detectron2 file as is, else a Caffe2/Detectron1 one
-        (``blobs`` if any, without ``*_momentum``) matched by name heuristics."""
-        if "model" in data and "__author__" in data:
-            self.logger.info(f"Reading a file from '{data['__author__']}'")
-            return dict(data)
-        data = data.get("blobs", data)
-        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
-        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
     def _fit_hiera(self, filename: str, loaded: dict) -> dict:
         """A Hiera-only file's weights placed under the model's `Hiera`; other files unchanged."""

@@ -29,6 +29,7 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -62,34 +63,52 @@ class OnnxModelError(ValueError):
     """An ONNX file that cannot be used with the given config (or is not one of ours)."""
 
 
-def _target_name(value) -> str:
-    """What `LazyConfig.save` writes for a class or function (so a .py config and the config.yaml
-    saved from it give the same JSON)."""
-    from detectron2.config.lazy import _convert_target_to_string  # the function save() uses
+def _object_name(value, key: str) -> str:
+    """A class or function by its full name, ``module.qualname``."""
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not module or not qualname:
+        raise OnnxModelError(f"config value {key}={value!r} cannot be recorded in an ONNX file")
+    return f"{module}.{qualname}"
 
-    return _convert_target_to_string(value)
+
+def _target_name(target, key: str) -> str:
+    """The full name of a ``_target_``: a class or function in a .py config, its (possibly
+    shortened) dotted name in the config.yaml that `LazyConfig.save` writes from it. Both name
+    the same object, so a .py config and its config.yaml give the same JSON."""
+    if isinstance(target, str):
+        try:
+            target = locate(target)
+        except Exception as e:  # locate raises ImportError or whatever the import raised
+            raise OnnxModelError(
+                f"config value {key}={target!r} names nothing importable: {e}"
+            ) from None
+    return _object_name(target, key)
 
 
 def _jsonable(value, key: str):
     if isinstance(value, functools.partial):
         return {
-            "partial": _target_name(value.func),
+            "partial": _object_name(value.func, key),
             "args": [_jsonable(v, key) for v in value.args],
             "keywords": {k: _jsonable(v, f"{key}.{k}") for k, v in value.keywords.items()},
         }
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{key}.{k}") for k, v in value.items()}
+        return {
+            str(k): _target_name(v, f"{key}.{k}") if k == "_target_" else _jsonable(v, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, f"{key}.{i}") for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if callable(value):
-        return _target_name(value)
+        return _object_name(value, key)
     raise OnnxModelError(f"config value {key}={value!r} cannot be recorded in an ONNX file")
 
 
 def canonical_model_config(cfg) -> dict:
-    """``cfg.model`` as plain JSON data: interpolations resolved, classes and functions by name.
+    """``cfg.model`` as plain JSON data: interpolations resolved, classes and functions by their
+    full name (``module.qualname``; a ``_target_`` string is resolved first).
 
     Equal for a .py config and the config.yaml that `LazyConfig.save` writes from it.
     """
@@ -218,9 +237,9 @@ class OnnxPredictor:
 
     Args:
         config_file: the LazyConfig the model was exported from (``.py`` + `opts`, or the
-            ``config.yaml`` saved by train_net.py), as `hiera_det.predictor_cfg` takes it; its
-            test resize and input format are used, and its model config must equal the one
-            recorded in the ONNX file.
+            ``config.yaml`` saved by train_net.py), as `hiera_det.predictor.predictor_cfg`
+            takes it; its test resize and input format are used, and its model config must equal
+            the one recorded in the ONNX file.
         onnx_path: the ``model.onnx`` written by tools/export_model.py.
         opts: LazyConfig overrides, ``["key=value", ...]`` (checked by `load_config`).
         num_threads: ONNX Runtime's intra-op threads (default: its own choice, the core count).

@@ -2,10 +2,12 @@
 LazyConfig model, and `RobustPredictor`, which also takes image files and arrays of any mode.
 
 `DefaultPredictor(cfg)` takes a yacs `CfgNode` and builds the model with
-``build_model(cfg)`` = ``META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)``. We register one
-meta-architecture, ``LazyConfigModel``, that instantiates ``model`` of the LazyConfig named in the
-CfgNode, so the LazyConfig stays the only definition of the model. `predictor_cfg` fills the few
-yacs keys the predictor reads (weights, device, input format, test resize) from the same LazyConfig:
+``build_model(cfg)`` = ``META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)``. This module
+registers one meta-architecture, ``LazyConfigModel``, that instantiates ``model`` of the LazyConfig
+named in the CfgNode (so the LazyConfig stays the only definition of the model) and loads its
+weights with `HieraCheckpointer`, which reads a checkpoint as data only
+(`hiera_det.checkpoint.UnsafeCheckpointError`). `predictor_cfg` fills the few yacs keys the
+predictor reads (device, input format, test resize) from the same LazyConfig:
 
     from hiera_det.predictor import RobustPredictor, predictor_cfg
 
@@ -19,9 +21,9 @@ gray, RGBA, 16-bit or float arrays into the 8-bit BGR image `DefaultPredictor` t
 The config may be a config file (``configs/mask_rcnn_hiera_b.py`` + `opts`) or the
 ``config.yaml`` that train_net.py saves next to its checkpoints (it includes the command-line
 overrides, e.g. the number of classes of a custom dataset). Give it a detector checkpoint written
-by train_net.py. Importing this module makes `DefaultPredictor` load its weights with
-`HieraCheckpointer` (it names ``DetectionCheckpointer`` in `detectron2.engine.defaults` and has no
-other hook), so they are read as data only (`hiera_det.checkpoint.UnsafeCheckpointError`).
+by train_net.py. The weights are ``LAZY_CONFIG.WEIGHTS`` and ``MODEL.WEIGHTS`` is empty:
+`DefaultPredictor`'s own `DetectionCheckpointer` (which reads a ``.pkl`` with plain pickle) then
+loads nothing (it logs "No checkpoint found"; the weights were loaded when the model was built).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import detectron2.engine.defaults
 import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg, instantiate
@@ -51,15 +52,14 @@ __all__ = [
     "score_thresh_overrides",
 ]
 
-# DefaultPredictor.__init__ builds `DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)`, which
-# reads a .pkl with plain pickle: give it our subclass, whose readers never run a file's code.
-detectron2.engine.defaults.DetectionCheckpointer = HieraCheckpointer
-
 
 @META_ARCH_REGISTRY.register()
 def LazyConfigModel(cfg: CfgNode) -> nn.Module:  # noqa: N802 -- the registry key is this name
-    """Build ``model`` of the LazyConfig ``cfg.LAZY_CONFIG.FILE`` with ``cfg.LAZY_CONFIG.OPTS``."""
-    return instantiate(load_config(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
+    """Build ``model`` of the LazyConfig ``cfg.LAZY_CONFIG.FILE`` with ``cfg.LAZY_CONFIG.OPTS`` and
+    load ``cfg.LAZY_CONFIG.WEIGHTS`` (if any) into it with `HieraCheckpointer` (data only)."""
+    model = instantiate(load_config(cfg.LAZY_CONFIG.FILE, cfg.LAZY_CONFIG.OPTS).model)
+    HieraCheckpointer(model).load(cfg.LAZY_CONFIG.get("WEIGHTS", ""))
+    return model
 
 
 def read_test_resize(lazy, config_file: str) -> tuple[int, int]:
@@ -118,29 +118,30 @@ def predictor_cfg(
         local_hint: how the caller's user gives a local file instead of a URL that cannot be
             downloaded (ends `CheckpointUnavailableError`'s message), e.g. ``--weights PATH``.
     Returns:
-        A frozen `CfgNode`: ``MODEL.META_ARCHITECTURE="LazyConfigModel"``, ``MODEL.WEIGHTS``,
+        A frozen `CfgNode`: ``MODEL.META_ARCHITECTURE="LazyConfigModel"``, ``MODEL.WEIGHTS=""``,
         ``MODEL.DEVICE`` (cuda if available), ``INPUT.FORMAT`` and ``INPUT.{MIN,MAX}_SIZE_TEST``
         from the LazyConfig's model and test loader, ``DATASETS.TEST`` (for metadata),
-        ``LAZY_CONFIG.{FILE,OPTS}``.
+        ``LAZY_CONFIG.{FILE,OPTS,WEIGHTS}`` (`LazyConfigModel` builds and loads the model).
     Raises:
         FileNotFoundError: no such weights or config file; `CheckpointUnavailableError` (a
             FileNotFoundError) for a URL that cannot be downloaded and is not cached.
-        CheckpointVerificationError, CorruptCheckpointError: a cached file that is not the
-            published one; a truncated or corrupt weights file.
+        CorruptCheckpointError: a truncated or corrupt weights file.
         ConfigOverrideError: an override names an unknown key or has a wrong type.
     """
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
     lazy = load_config(config_file, opts)  # fails on unknown keys and wrong types
     short, longest = read_test_resize(lazy, config_file)
-    # A URL is downloaded (verified) now, so that building the predictor finds it in the cache;
-    # a truncated local file is named now, not by DetectionCheckpointer's zip/pickle traceback.
+    # A URL is downloaded now (the error names `local_hint`), so that building the predictor
+    # finds it in the cache; a truncated local file is named now, before the model is built.
     fetch_checkpoint(weights, local_hint=local_hint)
 
     cfg = get_cfg()
-    cfg.LAZY_CONFIG = CfgNode({"FILE": os.path.abspath(config_file), "OPTS": list(opts)})
+    cfg.LAZY_CONFIG = CfgNode(
+        {"FILE": os.path.abspath(config_file), "OPTS": list(opts), "WEIGHTS": weights}
+    )
     cfg.MODEL.META_ARCHITECTURE = "LazyConfigModel"
-    cfg.MODEL.WEIGHTS = weights
+    cfg.MODEL.WEIGHTS = ""  # LazyConfigModel loads LAZY_CONFIG.WEIGHTS, read as data only
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.INPUT.FORMAT = lazy.model.get("input_format", "BGR")
     cfg.INPUT.MIN_SIZE_TEST = short

@@ -1,5 +1,2 @@
-"""Training helpers that Detectron2's engine lacks."""
-
-from .optim import get_optimizer_params
-
-__all__ = ["get_optimizer_params"]
+"""Training-loop parts that Detectron2's engine lacks: `hooks`, `evaluation`, `launch`,
+`visualize`, `schedule`."""

@@ -10,37 +10,50 @@ COCO evaluation by faster-coco-eval's compiled COCOeval where it is installed, e
 
 The Detectron2 wheel has no compiled fast evaluator (``detectron2._C``'s ``COCOeval_opt``), so its
 `COCOEvaluator` runs pycocotools' pure-Python ``COCOeval`` (timings: docs/detection.md).
-`FastCOCOEvaluator` is that evaluator with one change: the
-COCOeval class it hands to Detectron2's ``_evaluate_predictions_on_coco`` is faster-coco-eval's
-``COCOeval_faster`` (a maintained drop-in with the same matching rules and summary; the tests
-check all 12 ``stats`` against pycocotools to 1e-4). Everything else — result conversion, the json
-dump, the per-category table, distributed gathering — is Detectron2's.
-
-Without faster-coco-eval (or with ``use_fast_impl=False``) it is Detectron2's `COCOEvaluator`
-exactly. Each evaluation logs which implementation ran.
+`FastCOCOEvaluator` is that evaluator computing AP with faster-coco-eval's ``COCOeval_faster`` (a
+maintained drop-in with the same matching rules and summary; the tests check all 12 ``stats``
+against pycocotools to 1e-4). Detectron2 chooses its COCOeval class inside
+``COCOEvaluator._eval_predictions`` from module globals and takes no argument for it, so that
+method is restated here for the faster-coco-eval path (see `FastCOCOEvaluator._eval_predictions`);
+result conversion, the AP tables, distributed gathering and the predictions file stay
+Detectron2's methods. Without faster-coco-eval (or with ``use_fast_impl=False``) it is Detectron2's
+`COCOEvaluator` exactly. Each evaluation logs which implementation ran.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
+import itertools
+import json
 import logging
-from collections.abc import Iterable
-from unittest import mock
+import os
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
-    coco_evaluation,
     inference_on_dataset,
     print_csv_format,
 )
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 
 from ..data.images import BadImageError
+from ..utils import signals
 
-__all__ = ["FastCOCOEvaluator", "ImageSubsetEvaluator", "evaluate", "faster_cocoeval_class"]
+__all__ = [
+    "FastCOCOEvaluator",
+    "ImageSubsetEvaluator",
+    "evaluate",
+    "faster_cocoeval_class",
+    "run_cocoeval",
+    "unmap_category_ids",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +129,10 @@ def evaluate(
     if subset is not None:
         evaluator = ImageSubsetEvaluator(evaluator, *subset)
     try:
-        results = inference_on_dataset(model, data_loader, evaluator)
+        # The test loader's workers are forked inside: they must never act on a cluster's stop
+        # signals (hiera_det.utils.signals); the training process still records them.
+        with signals.blocked():
+            results = inference_on_dataset(model, data_loader, evaluator)
     except BadImageError as e:
         raise BadImageError(
             f"evaluating dataset {', '.join(map(repr, names))}: {_original_message(e)} (the "
@@ -139,6 +155,54 @@ def faster_cocoeval_class() -> type | None:
     return COCOeval_faster
 
 
+def unmap_category_ids(coco_results: list[dict], metadata: Metadata) -> None:
+    """Give COCO results (in place) the dataset's category ids instead of the model's contiguous
+    class indices (``metadata.thing_dataset_id_to_contiguous_id``, if the dataset has one)."""
+    to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id")
+    if to_contiguous is None:
+        return
+    to_dataset = {v: k for k, v in to_contiguous.items()}
+    for result in coco_results:
+        if result["category_id"] not in to_dataset:
+            raise ValueError(
+                f"a prediction has class {result['category_id']}, but dataset "
+                f"{metadata.name!r} has {len(to_dataset)} classes (0 to {len(to_dataset) - 1})"
+            )
+        result["category_id"] = to_dataset[result["category_id"]]
+
+
+def run_cocoeval(
+    cocoeval_class: type,
+    coco_gt,
+    coco_results: list[dict],
+    iou_type: str,
+    *,
+    max_dets: Sequence[int] = (1, 10, 100),
+    img_ids: Sequence[int] | None = None,
+    kpt_oks_sigmas: Sequence[float] = (),
+):
+    """Evaluate, accumulate and summarize COCO results with `cocoeval_class`, as Detectron2's
+    ``_evaluate_predictions_on_coco`` does, except that the class is used for every `max_dets`
+    (Detectron2 switches to pycocotools' ``COCOevalMaxDets`` when ``max_dets[2] != 100``; the
+    summary of faster-coco-eval reports AP at ``max_dets[-1]`` itself). Returns the COCOeval."""
+    if iou_type == "segm":
+        # Mask AP by mask area: with a bbox in a result, cocoapi would take the box's area.
+        coco_results = copy.deepcopy(coco_results)
+        for result in coco_results:
+            result.pop("bbox", None)
+    coco_eval = cocoeval_class(coco_gt, coco_gt.loadRes(coco_results), iou_type)
+    if iou_type != "keypoints":
+        coco_eval.params.maxDets = list(max_dets)
+    elif kpt_oks_sigmas:
+        coco_eval.params.kpt_oks_sigmas = np.array(kpt_oks_sigmas)
+    if img_ids is not None:
+        coco_eval.params.imgIds = list(img_ids)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval
+
+
 class FastCOCOEvaluator(COCOEvaluator):
     """Detectron2's `COCOEvaluator`, computing AP with faster-coco-eval when it is installed.
 
@@ -150,33 +214,53 @@ class FastCOCOEvaluator(COCOEvaluator):
     """
 
     def __init__(self, dataset_name: str, *args, use_fast_impl: bool = True, **kwargs):
-        self._faster_cocoeval = faster_cocoeval_class() if use_fast_impl else None
-        # With faster-coco-eval Detectron2's own fast path is not wanted (and its "not built"
-        # message would be wrong); `_use_fast_impl` is switched back on below to select ours.
-        fallback_fast = use_fast_impl and self._faster_cocoeval is None
+        # The COCOeval class of the faster-coco-eval path; None: Detectron2's own evaluation.
+        self.cocoeval_class = faster_cocoeval_class() if use_fast_impl else None
+        # With faster-coco-eval, Detectron2's fast path is not used (and its "not built" message
+        # would be wrong).
+        fallback_fast = use_fast_impl and self.cocoeval_class is None
         super().__init__(dataset_name, *args, use_fast_impl=fallback_fast, **kwargs)
-        if self._faster_cocoeval is not None:
-            self._use_fast_impl = True
 
     @property
     def implementation(self) -> str:
         """The COCOeval that computes AP and its package version, e.g. "faster-coco-eval 1.8.0"."""
-        if self._faster_cocoeval is not None:
+        if self.cocoeval_class is not None:
             return f"faster-coco-eval {importlib.metadata.version('faster-coco-eval')}"
         if self._use_fast_impl:  # Detectron2 was built with its C++ COCOeval_opt
             return f"Detectron2's COCOeval_opt ({importlib.metadata.version('detectron2')})"
         return f"pycocotools {importlib.metadata.version('pycocotools')}"
 
-    def _eval_predictions(self, predictions, img_ids=None):
+    def _eval_predictions(self, predictions: list[dict], img_ids=None) -> None:
+        """Fill ``self._results``: Detectron2's method without faster-coco-eval; with it, the same
+        steps restated (Detectron2 names its COCOeval class inside the method): category ids
+        unmapped, ``coco_instances_results.json`` written, then per task `run_cocoeval` with
+        ``self.cocoeval_class`` and Detectron2's `_derive_coco_results` (the AP tables)."""
         self._logger.info(f"COCO evaluation of {self._metadata.name} by {self.implementation}")
-        if self._faster_cocoeval is None:
+        if self.cocoeval_class is None:
             return super()._eval_predictions(predictions, img_ids)
-        # Detectron2 picks the class by the module-level names `COCOeval_opt` (its C++ version,
-        # used when `_use_fast_impl`) and `COCOevalMaxDets` (pycocotools' summary with AP at
-        # maxDets[2] when max_dets_per_image != 100; faster-coco-eval's summary already reports AP
-        # at maxDets[-1]). Both point at faster-coco-eval's class for this call only.
-        with (
-            mock.patch.object(coco_evaluation, "COCOeval_opt", self._faster_cocoeval),
-            mock.patch.object(coco_evaluation, "COCOevalMaxDets", self._faster_cocoeval),
-        ):
-            return super()._eval_predictions(predictions, img_ids)
+        coco_results = list(itertools.chain(*[x["instances"] for x in predictions]))
+        tasks = self._tasks or self._tasks_from_predictions(coco_results)
+        unmap_category_ids(coco_results, self._metadata)
+        if self._output_dir:
+            file_path = os.path.join(self._output_dir, "coco_instances_results.json")
+            self._logger.info(f"Saving results to {file_path}")
+            with PathManager.open(file_path, "w") as f:
+                f.write(json.dumps(coco_results))
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return None
+        for task in sorted(tasks):
+            coco_eval = None  # cocoapi does not handle empty results: Detectron2 reports NaN
+            if coco_results:
+                coco_eval = run_cocoeval(
+                    self.cocoeval_class,
+                    self._coco_api,
+                    coco_results,
+                    task,
+                    max_dets=self._max_dets_per_image,
+                    img_ids=img_ids,
+                    kpt_oks_sigmas=self._kpt_oks_sigmas,
+                )
+            classes = self._metadata.get("thing_classes")
+            self._results[task] = self._derive_coco_results(coco_eval, task, class_names=classes)
+        return None

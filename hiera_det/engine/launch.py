@@ -21,17 +21,22 @@ the job computes the same one. A SLURM step of one task is one process, as witho
 
 Two runs must never share an output folder: `check_in_launcher_group` (at the start of ``main``)
 stops a process that the environment places in a group of several but that is not in it.
-Under ``torchrun --max-restarts=K``, `resume_after_elastic_restart` makes a restarted worker group
-go on from the folder's last checkpoint, as ``--resume`` does. docs/distributed.md has the commands.
+Under ``torchrun --max-restarts=K``, or when SLURM requeues a job, `resume_after_restart` makes
+the restarted run go on from the folder's last checkpoint, as ``--resume`` does. While
+Detectron2's `launch` spawns the workers, the spawning process passes SIGTERM and SIGUSR1 on to
+them and exits with their "stopped to be resumed" status. docs/distributed.md has the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
 import os
 import re
-from collections.abc import Callable, Mapping
+import signal
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +45,9 @@ import torch.distributed as dist
 from detectron2.engine import default_argument_parser, launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
+
+from .hooks import STOPPED_EXIT_CODE
 
 __all__ = [
     "LaunchError",
@@ -50,7 +58,7 @@ __all__ = [
     "join_launcher_group",
     "launch_from_args",
     "local_gpu",
-    "resume_after_elastic_restart",
+    "resume_after_restart",
     "slurm_default_port",
 ]
 
@@ -292,22 +300,55 @@ def launch_from_args(
     env = find_launcher_env()
     if env is None:
         _warn_if_slurm_batch_script(os.environ)
-        launch(
-            main_func,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-            timeout=timeout,
-        )
+        with _stops_forwarded_to_workers(spawning=args.num_gpus > 1):
+            launch(
+                main_func,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+                timeout=timeout,
+            )
         return
     _check_no_detectron2_flags(args, env)
     if env.world_size > 1:
         join_launcher_group(env, timeout)
-    main_func(args)
-    if dist.is_initialized():
-        dist.destroy_process_group()  # torch warns at exit otherwise
+    try:
+        main_func(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # torch warns at exit otherwise
+
+
+# Stop signals the process that spawns the workers passes on to them (train.stop_signals'
+# defaults): Kubernetes signals only a container's first process.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _stops_forwarded_to_workers(spawning: bool) -> Iterator[None]:
+    """While Detectron2's `launch` spawns and waits for the workers: pass SIGTERM and SIGUSR1 on
+    to them (they stop after their iteration with a checkpoint) instead of dying at once, and
+    exit with `STOPPED_EXIT_CODE` when they did."""
+    if not spawning:
+        yield
+        return
+
+    def forward(signum: int, frame) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        yield
+    except ProcessExitedException as e:
+        if e.exit_code != STOPPED_EXIT_CODE:
+            raise
+        raise SystemExit(STOPPED_EXIT_CODE) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_in_launcher_group(environ: Mapping[str, str] | None = None) -> None:
@@ -326,15 +367,24 @@ def check_in_launcher_group(environ: Mapping[str, str] | None = None) -> None:
         )
 
 
-def resume_after_elastic_restart(args: argparse.Namespace, output_dir: str) -> bool:
-    """After torchrun restarted the worker group (``TORCHELASTIC_RESTART_COUNT`` > 0), resume
-    from `output_dir`'s last checkpoint as ``--resume`` does; return whether it does so.
+# (environment variable, what restarted the run) that say this start is a restart.
+RESTART_COUNTERS = (
+    ("TORCHELASTIC_RESTART_COUNT", "torchrun restarted the worker group"),
+    ("SLURM_RESTART_COUNT", "SLURM requeued the job"),
+)
+
+
+def resume_after_restart(args: argparse.Namespace, output_dir: str) -> bool:
+    """After torchrun restarted the worker group (``TORCHELASTIC_RESTART_COUNT`` > 0) or SLURM
+    requeued the job (``SLURM_RESTART_COUNT`` > 0), resume from `output_dir`'s last checkpoint as
+    ``--resume`` does; return whether it does so.
 
     A first start keeps what the command line says: without ``--resume`` a non-empty folder is
     trained afresh, as always.
     """
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts == 0:
+    found = [(int(os.environ[n]), what) for n, what in RESTART_COUNTERS if os.environ.get(n)]
+    found = [(count, what) for count, what in found if count > 0]
+    if not found:
         return False
     args.resume = True
     last_file = os.path.join(output_dir, "last_checkpoint")
@@ -343,8 +393,7 @@ def resume_after_elastic_restart(args: argparse.Namespace, output_dir: str) -> b
             where = f"its last checkpoint {os.path.join(output_dir, f.read().strip())}"
     else:
         where = f"the start: {output_dir} has no checkpoint yet"
+    count, what = found[0]
     # Detectron2's trainer then logs "Starting training from iteration N".
-    logging.getLogger("detectron2").info(
-        f"torchrun restarted the worker group (restart {restarts}): resuming from {where}"
-    )
+    logging.getLogger("detectron2").info(f"{what} (restart {count}): resuming from {where}")
     return True
