@@ -24,12 +24,6 @@ COCO-format data of one's own: ``dataset.train=[name,json,image_dir]`` and
 
 from __future__ import annotations
 
-# First: Detectron2's/fvcore's import-time torch.jit.script FutureWarning, silenced for those
-# imports only.
-import hiera_det.utils.third_party  # noqa: F401
-
-# isort: split
-
 import logging
 import os
 import sys
@@ -51,26 +45,34 @@ from detectron2.utils.logger import setup_logger
 from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.checkpoint_download import (
     CheckpointUnavailableError,
-    CheckpointVerificationError,
     CorruptCheckpointError,
     fetch_checkpoint,
 )
 from hiera_det.config_check import load_config
-from hiera_det.data.datasets import apply_dataset_config, check_dataset_files, check_test_datasets
+from hiera_det.data.datasets import (
+    apply_dataset_config,
+    check_dataset_files,
+    check_test_datasets,
+    dataset_checks_dir,
+)
 from hiera_det.data.validation import DatasetError, validate_datasets
 from hiera_det.engine.evaluation import evaluate
 from hiera_det.engine.hooks import (
+    STOPPED_EXIT_CODE,
     CheckpointBeforeEvaluation,
     DeterministicSteps,
     FiniteParametersCheck,
+    StopForResume,
+    TrainingStopped,
 )
 from hiera_det.engine.launch import (
     LaunchError,
     check_in_launcher_group,
     launch_from_args,
-    resume_after_elastic_restart,
+    resume_after_restart,
 )
-from hiera_det.mae import resolve_epoch_schedule
+from hiera_det.engine.schedule import resolve_epoch_schedule
+from hiera_det.utils.once_per_job import once_per_job
 
 logger = logging.getLogger("detectron2")
 
@@ -112,6 +114,8 @@ def do_train(args, cfg) -> None:
             # Before the checkpointer: a step that made weights non-finite writes no checkpoint.
             FiniteParametersCheck(cfg.train.checkpointer.period, eval_period),
             periodic_checkpointer if main else None,
+            # SIGTERM/SIGUSR1 or the time budget: save this iteration and exit to be resumed.
+            stop_for_resume(cfg, periodic_checkpointer if main else None),
             # A checkpoint of every iteration evaluated after: a failed evaluation loses nothing.
             CheckpointBeforeEvaluation(periodic_checkpointer, eval_period) if main else None,
             # Evaluates every eval_period iterations (if > 0) and after the last one.
@@ -132,7 +136,30 @@ def do_train(args, cfg) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint stores the iteration that just finished: go on from the next one.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except TrainingStopped as stop:
+        logger.warning(
+            f"Training {stop}: go on with --resume (or a requeued/restarted job does it by "
+            f"itself); exit status {STOPPED_EXIT_CODE}"
+        )
+        raise SystemExit(STOPPED_EXIT_CODE) from None
+    finally:
+        close = getattr(train_loader, "close", None)  # ResumableDataLoader: its workers
+        if close is not None:
+            close()
+
+
+def stop_for_resume(cfg, periodic_checkpointer) -> StopForResume | None:
+    """The hook that stops the run on ``train.stop_signals`` or before ``train.max_hours`` runs
+    out (docs/distributed.md); None when neither is set (``train.stop_signals=[]``)."""
+    signals = cfg.train.get("stop_signals", ("SIGTERM", "SIGUSR1")) or ()
+    max_hours = cfg.train.get("max_hours", None)
+    if not signals and max_hours is None:
+        return None
+    return StopForResume(
+        periodic_checkpointer, signals, max_hours, cfg.train.get("stop_margin_s", 120.0)
+    )
 
 
 def choose_device(cfg) -> None:
@@ -158,9 +185,12 @@ def check_datasets(cfg, eval_only: bool) -> None:
             dataset = cfg.dataloader.get(key, {}).get("dataset", {})
             if "names" in dataset:
                 check_dataset_files(dataset.names)
-                # Stops on inconsistent annotations, reports skips.
-                validate_datasets(
-                    dataset.names, used_for="training" if key == "train" else "evaluation"
+                # Stops on inconsistent annotations, reports skips; in the main process only.
+                once_per_job(
+                    validate_datasets,
+                    dataset.names,
+                    used_for="training" if key == "train" else "evaluation",
+                    cache_dir=dataset_checks_dir(cfg),
                 )
         if has_evaluation(cfg):
             check_test_datasets(cfg)  # every test image reads, or dataset.skip_unreadable_...
@@ -170,8 +200,8 @@ def check_datasets(cfg, eval_only: bool) -> None:
 
 def check_init_checkpoint(cfg, resume: bool) -> None:
     """Fail early, naming the file, when ``train.init_checkpoint`` cannot be had: a URL that
-    cannot be downloaded (the message says where the cache looks and how to go on), a cached file
-    that is not the published one, a missing or truncated local file. A URL is downloaded here,
+    cannot be downloaded (the message says where the cache looks and how to go on), a missing or
+    truncated local or cached file. A URL is downloaded here,
     before the data loaders are built; the checkpointer later finds it in the cache."""
     checkpoint = cfg.train.init_checkpoint
     last = os.path.join(cfg.train.output_dir, "last_checkpoint")
@@ -188,7 +218,7 @@ def main(args) -> dict | None:
     # hiera_det's messages (skipped images, dataset reports, data stream) in log.txt too; they
     # still propagate to the root logger (setup_logger turns that off), e.g. for pytest's caplog.
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="hiera_det").propagate = True
-    resume_after_elastic_restart(args, cfg.train.output_dir)  # torchrun --max-restarts
+    resume_after_restart(args, cfg.train.output_dir)  # torchrun --max-restarts, SLURM requeue
     choose_device(cfg)
     check_datasets(cfg, args.eval_only)
     check_init_checkpoint(cfg, args.resume)
@@ -208,11 +238,7 @@ def main(args) -> dict | None:
 
 
 # Reported as one message, without a traceback: the message says what to do.
-CHECKPOINT_ERRORS = (
-    CheckpointUnavailableError,
-    CheckpointVerificationError,
-    CorruptCheckpointError,
-)
+CHECKPOINT_ERRORS = (CheckpointUnavailableError, CorruptCheckpointError)
 
 
 def invoke_main() -> None:

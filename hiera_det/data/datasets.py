@@ -27,6 +27,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.registry import locate
 
+from ..utils.once_per_job import once_per_job
 from .validation import (
     SKIP_UNREADABLE_OPTION,
     DatasetError,
@@ -39,6 +40,7 @@ __all__ = [
     "apply_dataset_config",
     "check_dataset_files",
     "check_test_datasets",
+    "dataset_checks_dir",
     "register_coco_format",
     "register_readable_subset",
 ]
@@ -50,13 +52,22 @@ _DATASET_KEYS = ("train", "test", "skip_unreadable_test_images")
 logger = logging.getLogger(__name__)
 
 
-def register_coco_format(name: str, json_file: str, image_root: str) -> int:
+def dataset_checks_dir(cfg) -> str:
+    """Where a run keeps the verdicts of its dataset checks: ``<train.output_dir>/dataset_checks``
+    (see `hiera_det.data.validation`)."""
+    return os.path.join(cfg.train.output_dir, "dataset_checks")
+
+
+def register_coco_format(
+    name: str, json_file: str, image_root: str, cache_dir: str | None = None
+) -> int:
     """Register a COCO-format instances dataset under `name`; return its number of categories.
 
-    The json is checked by `validate_coco_json` (without looking for the image files), which
-    raises `DatasetError` on what would make training wrong; train_net's later check of the same
-    file does not parse it again. Registering the same name again with the same files is a no-op;
-    with other files, an error.
+    The json is checked by `validate_coco_json` (without looking for the image files; once per
+    job: in the main process, whose verdict the others wait for), which raises `DatasetError` on
+    what would make training wrong; train_net's later check of the same file does not parse it
+    again, nor does a later run with the verdict kept in `cache_dir`. Registering the same name
+    again with the same files is a no-op; with other files, an error.
     """
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
     if not os.path.isfile(json_file):
@@ -64,7 +75,7 @@ def register_coco_format(name: str, json_file: str, image_root: str) -> int:
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset {name!r}: image folder not found: {image_root}")
     try:
-        report = validate_coco_json(json_file, check_files=False)
+        report = once_per_job(validate_coco_json, json_file, check_files=False, cache_dir=cache_dir)
     except DatasetError as e:
         raise DatasetError(f"dataset {name!r}: {e}") from e
     if name in DatasetCatalog.list():
@@ -147,7 +158,7 @@ def apply_dataset_config(cfg) -> None:
         if entry is None:
             continue
         name = entry[0]
-        num_classes[key] = register_coco_format(*entry)
+        num_classes[key] = register_coco_format(*entry, cache_dir=dataset_checks_dir(cfg))
         loader = cfg.dataloader.get(key)
         if loader is None:
             raise KeyError(f"dataset.{key} is given but the config has no dataloader.{key}")
@@ -197,7 +208,8 @@ def _evaluator_takes_image_ids(cfg) -> bool:
 
 
 def check_test_datasets(cfg) -> None:
-    """Before a run: `check_test_images` on ``dataloader.test.dataset.names``, which raises
+    """Before a run: `check_test_images` on ``dataloader.test.dataset.names`` (once per job: in
+    the main process, whose findings every process acts on), which raises
     `DatasetError` naming every unreadable image; with ``dataset.skip_unreadable_test_images=True``
     the test loader reads `register_readable_subset` datasets instead (the evaluator must take
     ``img_ids``, as Detectron2's `COCOEvaluator` does)."""
@@ -210,7 +222,8 @@ def check_test_datasets(cfg) -> None:
             f"{SKIP_UNREADABLE_OPTION} needs an evaluator whose evaluate() takes img_ids "
             f"(Detectron2's COCOEvaluator does); {cfg.dataloader.evaluator._target_} does not"
         )
-    found = {f.dataset: f for f in check_test_images(dataset.names, skip_unreadable=skip)}
+    found = once_per_job(check_test_images, dataset.names, skip_unreadable=skip)
+    found = {f.dataset: f for f in found}
     if not found:
         return
     names = [register_readable_subset(found[n]) if n in found else n for n in _names(dataset.names)]

@@ -12,7 +12,11 @@ evaluation, and `check_test_images` checks every image of the test splits before
 A file is parsed once per process however often it is validated (registration in
 `hiera_det.data.datasets` and train_net's check both validate it): what the checks learn from its
 content is kept, keyed by a digest of the bytes (not by modification time, which may not change
-when a file is rewritten within the file system's timestamp granularity).
+when a file is rewritten within the file system's timestamp granularity). With ``cache_dir``, that
+verdict (errors included) is also kept on disk, ``<cache_dir>/<sha256>-v<CHECK_VERSION>.json``, so
+that a resumed or restarted run of an unchanged file only reads the file to digest it; whether the
+image files exist is looked up every time. Files are parsed with orjson when it is installed (the
+standard library's json otherwise, and for what orjson refuses but json reads, e.g. NaN).
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ from detectron2.structures.masks import polygon_area
 
 from .images import BadImageError, check_image_file
 
+try:
+    import orjson
+except ImportError:  # the standard library's parser, slower
+    orjson = None
+
 __all__ = [
     "DatasetError",
     "UnreadableImages",
@@ -49,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 _EXAMPLES = 5  # examples named per kind of problem in a report
 _CACHED_FILES = 4  # checked contents kept (a run reads a train and a test file)
+CHECK_VERSION = 1  # part of a kept verdict's name: raise it when the checks change
 _LISTED_IMAGES = 20  # unreadable test images named in the message that stops the run
 SKIP_UNREADABLE_OPTION = "dataset.skip_unreadable_test_images=True"
 
@@ -183,7 +193,9 @@ def _existing_files(image_root: str, file_names: Iterable[str]) -> set[str]:
 
 
 def _fail(json_file: str, what: str) -> DatasetError:
-    return DatasetError(f"{json_file}: {what}. Fix the annotation file; training has not started.")
+    error = DatasetError(f"{json_file}: {what}. Fix the annotation file; training has not started.")
+    error.problem = what  # what a kept verdict records (the file may be elsewhere next time)
+    return error
 
 
 @dataclass(frozen=True)
@@ -202,18 +214,24 @@ class _CheckedContent:
 _checked: OrderedDict[bytes, _CheckedContent] = OrderedDict()  # digest -> content, LRU order
 
 
-def _load_json(json_file: str) -> tuple[bytes, object]:
-    """(digest of the bytes, parsed content or None when a file of that digest is cached)."""
+def _read_bytes(json_file: str) -> bytes:
     try:
         with open(json_file, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError as e:
         raise DatasetError(f"annotation file not found: {json_file}") from e
-    digest = hashlib.sha256(data).digest()
-    if digest in _checked:
-        return digest, None
+
+
+def _parse(json_file: str, data: bytes):
+    """The content of `data`: orjson's parse, or the standard library's where orjson has none or
+    refuses what json reads (NaN, integers over 64 bits); json's error names the problem."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        return digest, json.loads(data)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(json_file, f"not valid JSON ({e})") from e
 
@@ -262,28 +280,37 @@ def _check_images(json_file: str, images: list) -> dict[int, tuple[int, int]]:
 def _check_annotations(
     json_file: str, annotations: list, sizes: dict[int, tuple[int, int]], known: set[int]
 ) -> dict[str, list]:
-    """Problem -> ids of the annotations training skips, after checking every annotation."""
+    """Problem -> ids of the annotations training skips, after checking every annotation.
+
+    `_screen_annotations` looks at all of them at once (numpy over columns) and names the ones
+    that might have a problem; only those go through `_check_annotation`, so the report is the
+    one checking each would give. A file it cannot screen, or with a problem that stops the run,
+    is checked one annotation at a time (the first problem in file order is the one named)."""
+    suspects = _screen_annotations(annotations, sizes, known)
+    if suspects is None:
+        return _check_each_annotation(json_file, annotations, sizes, known, range(len(annotations)))
+    return _check_each_annotation(json_file, annotations, sizes, known, suspects, screened=True)
+
+
+def _check_each_annotation(
+    json_file: str,
+    annotations: list,
+    sizes: dict[int, tuple[int, int]],
+    known: set[int],
+    indices: Iterable[int],
+    screened: bool = False,
+) -> dict[str, list]:
+    """`_check_annotations` for the annotations at `indices` (in order); `screened`: the ids,
+    images and categories of all of them are known to be right."""
     skipped: dict[str, list] = {}
     seen_ids = set()
-    for i, ann in enumerate(annotations):
+    for i in indices:
+        ann = annotations[i]
         if not isinstance(ann, dict):
             raise _fail(json_file, f"annotations[{i}] is a {type(ann).__name__}, not an object")
         ann_id = ann.get("id", f"#{i}")
-        if ann_id in seen_ids:
-            raise _fail(json_file, f"duplicate annotation id {ann_id}")
-        seen_ids.add(ann_id)
-        if ann.get("image_id") not in sizes:
-            raise _fail(
-                json_file,
-                f"annotation id {ann_id} refers to unknown image id {ann.get('image_id')!r}",
-            )
-        if ann.get("category_id") not in known:
-            raise _fail(
-                json_file,
-                f"annotation id {ann_id} (image id {ann['image_id']}) has category_id "
-                f"{ann.get('category_id')!r}, which is not in 'categories' "
-                f"(ids {sorted(known)[:20]}{' ...' * (len(known) > 20)})",
-            )
+        if not screened:
+            _check_references(json_file, ann, ann_id, seen_ids, sizes, known)
         problem = _check_annotation(ann, *sizes[ann["image_id"]])
         if problem is not None and problem[0] == "bad bbox":  # Detectron2's loader would fail
             raise _fail(json_file, f"annotation id {ann_id}: bbox {problem[1]}")
@@ -292,16 +319,131 @@ def _check_annotations(
     return skipped
 
 
-def _checked_content(json_file: str) -> _CheckedContent:
-    """Parse and check `json_file`, or take what an earlier call learnt from the same bytes."""
-    digest, content = _load_json(json_file)
-    if content is None:
-        _checked.move_to_end(digest)
-        return _checked[digest]
+def _check_references(json_file, ann: dict, ann_id, seen_ids: set, sizes, known) -> None:
+    """Raise on a repeated annotation id, an unknown image id or an unknown category id."""
+    if ann_id in seen_ids:
+        raise _fail(json_file, f"duplicate annotation id {ann_id}")
+    seen_ids.add(ann_id)
+    if ann.get("image_id") not in sizes:
+        raise _fail(
+            json_file, f"annotation id {ann_id} refers to unknown image id {ann.get('image_id')!r}"
+        )
+    if ann.get("category_id") not in known:
+        raise _fail(
+            json_file,
+            f"annotation id {ann_id} (image id {ann['image_id']}) has category_id "
+            f"{ann.get('category_id')!r}, which is not in 'categories' "
+            f"(ids {sorted(known)[:20]}{' ...' * (len(known) > 20)})",
+        )
+
+
+_SCREEN_CHUNK = 50_000  # annotations screened at once (bounds the memory of the columns)
+_AREA_MARGIN = 1e-6  # polygons with |area| this small are checked one by one (rounding)
+
+
+def _screen_annotations(annotations: list, sizes: dict, known: set[int]) -> list[int] | None:
+    """Indices of the annotations that `_check_annotation` might reject, a superset of them;
+    None when the whole file must be checked one annotation at a time: it is not a list of
+    objects with unique ids, known images and categories, 4-number bboxes and no bbox_mode."""
+    if not all(type(a) is dict for a in annotations):
+        return None
+    ids = [a.get("id") for a in annotations]
+    if None in ids or len(set(ids)) != len(ids):
+        return None
+    if any(
+        a.get("image_id") not in sizes or a.get("category_id") not in known for a in annotations
+    ):
+        return None
+    if any("bbox_mode" in a for a in annotations):
+        return None
+    suspects: list[int] = []
+    for start in range(0, len(annotations), _SCREEN_CHUNK):
+        chunk = annotations[start : start + _SCREEN_CHUNK]
+        found = _screen_chunk(chunk, sizes)
+        if found is None:
+            return None
+        suspects += [start + i for i in found]
+    return suspects
+
+
+def _screen_chunk(chunk: list[dict], sizes: dict) -> list[int] | None:
+    """`_screen_annotations` for one chunk: boxes by numpy, then segmentations."""
+    try:
+        boxes = np.asarray([a.get("bbox") for a in chunk] or np.zeros((0, 4)))
+    except (TypeError, ValueError):  # a bbox of another length: checked one by one
+        return None
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.dtype.kind not in "iuf":
+        return None
+    if not np.isfinite(boxes).all():
+        return None
+    wh = np.asarray([sizes[a["image_id"]] for a in chunk] or np.zeros((0, 2)), dtype=np.float64)
+    x0, y0, w, h = boxes.T.astype(np.float64)
+    bad = (w <= 0) | (h <= 0) | (x0 >= wh[:, 0]) | (y0 >= wh[:, 1]) | (x0 + w <= 0) | (y0 + h <= 0)
+    return sorted(set(np.flatnonzero(bad).tolist()) | set(_suspect_segmentations(chunk)))
+
+
+def _suspect_segmentations(chunk: list[dict]) -> list[int]:
+    """Annotations whose segmentation might be rejected: RLEs and other kinds (checked one by
+    one: few), polygon lists that are empty, of odd or short polygons, not numbers, not finite,
+    or whose polygons have no area (or almost none)."""
+    suspects, owners, lengths, flat = [], [], [], []
+    for i, ann in enumerate(chunk):
+        segm = ann.get("segmentation")
+        if segm is None:
+            continue
+        if not isinstance(segm, list) or not segm or not all(type(p) is list for p in segm):
+            suspects.append(i)
+            continue
+        for polygon in segm:
+            owners.append(i)
+            lengths.append(len(polygon))
+            flat += polygon
+    try:
+        coords = np.asarray(flat, dtype=np.float64)
+    except (TypeError, ValueError):  # a value that is not a number: check them one by one
+        return sorted(set(suspects) | set(owners))
+    lengths, owners = np.asarray(lengths, dtype=np.int64), np.asarray(owners, dtype=np.int64)
+    ok = (lengths >= 6) & (lengths % 2 == 0)
+    ok &= _polygon_areas(coords, lengths) > _AREA_MARGIN * (1 + _polygon_extents(coords, lengths))
+    if not all(type(v) in (int, float) for v in flat):  # bools, numeric strings, None: one by one
+        return sorted(set(suspects) | set(owners.tolist()))
+    good_owner = np.zeros(len(chunk), dtype=bool)
+    good_owner[owners[ok]] = True
+    return sorted(set(suspects) | set(owners[~good_owner[owners]].tolist()))
+
+
+def _polygon_areas(coords: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """|Area| of each polygon of `coords` (their x, y pairs one after the other), by the shoelace
+    formula Detectron2's `polygon_area` uses; NaN for polygons that are not whole points or not
+    finite (they fail the check anyway)."""
+    areas = np.full(len(lengths), np.nan)
+    points = lengths // 2
+    whole = (lengths % 2 == 0) & (points > 0)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    if not whole.all() or not np.isfinite(coords).all() or not len(lengths):
+        return np.where(whole & (lengths > 0), areas, np.nan)  # checked one by one
+    x, y = coords[0::2], coords[1::2]
+    first = starts // 2
+    nxt = np.arange(len(x)) + 1
+    nxt[first + points - 1] = first  # each polygon closes on its own first point
+    cross = x * y[nxt] - x[nxt] * y
+    return 0.5 * np.abs(np.add.reduceat(cross, first))
+
+
+def _polygon_extents(coords: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A scale per polygon (the largest |coordinate|, squared) for the area's rounding margin."""
+    if not len(lengths) or not np.isfinite(coords).all():
+        return np.zeros(len(lengths))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.maximum.reduceat(np.abs(coords), starts) ** 2 if coords.size else np.zeros(0)
+
+
+def _check_content(json_file: str, content) -> _CheckedContent:
+    """Check the parsed `content` of `json_file` (raises `DatasetError`)."""
     known = _check_categories(json_file, content)
     sizes = _check_images(json_file, content["images"])
     skipped = _check_annotations(json_file, content["annotations"], sizes, known)
-    checked = _CheckedContent(
+    return _CheckedContent(
         num_images=len(content["images"]),
         num_annotations=len(content["annotations"]),
         num_categories=len(content["categories"]),
@@ -310,6 +452,66 @@ def _checked_content(json_file: str) -> _CheckedContent:
         image_ids=tuple(img["id"] for img in content["images"]),
         image_sizes=tuple((img["width"], img["height"]) for img in content["images"]),
     )
+
+
+def _kept_path(cache_dir: str, digest: bytes) -> str:
+    return os.path.join(cache_dir, f"{digest.hex()}-v{CHECK_VERSION}.json")
+
+
+def _read_kept(json_file: str, path: str) -> _CheckedContent | None:
+    """The verdict kept at `path` (raising its `DatasetError` again), or None when there is none
+    that reads (none yet, or not written by this version of the checks: check again)."""
+    try:
+        with open(path, "rb") as f:
+            kept = json.loads(f.read())
+        if "problem" not in kept:
+            return _CheckedContent(
+                **{k: kept[k] for k in ("num_images", "num_annotations", "num_categories")},
+                skipped_annotations={k: tuple(v) for k, v in kept["skipped_annotations"].items()},
+                file_names=tuple(kept["file_names"]),
+                image_ids=tuple(kept["image_ids"]),
+                image_sizes=tuple(tuple(wh) for wh in kept["image_sizes"]),
+            )
+        problem = str(kept["problem"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    raise _fail(json_file, problem)
+
+
+def _keep(path: str, verdict: _CheckedContent | DatasetError) -> None:
+    """Write `verdict` to `path` atomically (a temporary file renamed over it)."""
+    if isinstance(verdict, DatasetError):
+        kept = {"problem": verdict.problem}
+    else:
+        kept = {f: getattr(verdict, f) for f in _CheckedContent.__dataclass_fields__}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(kept, f)
+    os.replace(tmp, path)
+
+
+def _checked_content(json_file: str, cache_dir: str | None = None) -> _CheckedContent:
+    """Parse and check `json_file`, or take what an earlier call (this process's, or one kept in
+    `cache_dir`) learnt from the same bytes."""
+    data = _read_bytes(json_file)
+    digest = hashlib.sha256(data).digest()
+    if digest in _checked:
+        _checked.move_to_end(digest)
+        return _checked[digest]
+    kept = None if cache_dir is None else _kept_path(cache_dir, digest)
+    checked = None if kept is None else _read_kept(json_file, kept)
+    if checked is None:
+        content = _parse(json_file, data)
+        del data  # the parsed content is all the checks need
+        try:
+            checked = _check_content(json_file, content)
+        except DatasetError as error:
+            if kept is not None:
+                _keep(kept, error)
+            raise
+        if kept is not None:
+            _keep(kept, checked)
     _checked[digest] = checked
     while len(_checked) > _CACHED_FILES:
         _checked.popitem(last=False)
@@ -317,7 +519,10 @@ def _checked_content(json_file: str) -> _CheckedContent:
 
 
 def validate_coco_json(
-    json_file: str, image_root: str | None = None, check_files: bool = True
+    json_file: str,
+    image_root: str | None = None,
+    check_files: bool = True,
+    cache_dir: str | None = None,
 ) -> ValidationReport:
     """Check a COCO instances file before training; see the module docstring for the policy.
 
@@ -325,11 +530,13 @@ def validate_coco_json(
         json_file: the instances json.
         image_root: folder the images' ``file_name`` are relative to (for `check_files`).
         check_files: look for every image file (one directory listing per folder).
+        cache_dir: folder where the verdict on the file's content is kept, by its digest
+            (None: in this process only).
 
     Raises:
         DatasetError: a problem that stops training, naming the file and the ids at fault.
     """
-    checked = _checked_content(json_file)
+    checked = _checked_content(json_file, cache_dir)
     report = ValidationReport(
         json_file,
         checked.num_images,
@@ -351,11 +558,14 @@ def validate_coco_json(
 
 
 def validate_datasets(
-    names: str | Iterable[str], check_files: bool = True, used_for: str = "training"
+    names: str | Iterable[str],
+    check_files: bool = True,
+    used_for: str = "training",
+    cache_dir: str | None = None,
 ) -> list[ValidationReport]:
     """`validate_coco_json` for each named dataset registered from a COCO json (Detectron2's
     `register_coco_instances`, built-in COCO); others are left alone. Logs each report, worded for
-    `used_for` ("training" or "evaluation")."""
+    `used_for` ("training" or "evaluation"); verdicts kept in `cache_dir` (None: not on disk)."""
     if used_for not in ("training", "evaluation"):
         raise ValueError(f"used_for must be 'training' or 'evaluation', got {used_for!r}")
     reports = []
@@ -364,7 +574,7 @@ def validate_datasets(
         json_file = meta.get("json_file")
         if not json_file or not os.path.isfile(json_file):
             continue  # not a COCO-json dataset, or generated on first use
-        report = validate_coco_json(json_file, meta.get("image_root"), check_files)
+        report = validate_coco_json(json_file, meta.get("image_root"), check_files, cache_dir)
         report.used_for = used_for
         (
             logger.warning
