@@ -1,9 +1,17 @@
-"""Shared fixtures."""
+"""Shared fixtures, helpers and markers of the test suite.
+
+Markers (pyproject.toml): ``slow`` for end-to-end tests (train_net.py and the tools in
+subprocesses, whole configs) and the few unit tests that take many seconds; ``pytest -m "not
+slow"`` is the fast tier. ``cuda`` for tests that need a GPU.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import pathlib
+import pickle
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -11,8 +19,29 @@ from types import ModuleType, SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+
+from hiera_det.checkpoint import (
+    TRUST_ENV,
+    UnsafeCheckpointError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL_REASON = "compares with the official model: pip install hiera-transformer"
+
+
+@pytest.fixture(scope="session")
+def official_hiera() -> ModuleType:
+    """The official `hiera-transformer` package (``hiera``), the numerical reference of the
+    backbone and the MAE; the test is skipped where it is not installed (it is in the dev extra)."""
+    return pytest.importorskip("hiera", reason=OFFICIAL_REASON)
+
+
+@pytest.fixture(scope="session")
+def official_mae() -> ModuleType:
+    """The official MAE module (``hiera.hiera_mae``); see `official_hiera`."""
+    return pytest.importorskip("hiera.hiera_mae", reason=OFFICIAL_REASON)
 
 
 def load_script(relative_path: str, name: str) -> ModuleType:
@@ -135,3 +164,107 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def mae_shrink_overrides() -> list[str]:
+    """Overrides that shrink an MAE config (configs/mae/) to a model a CPU trains in a second, on
+    64 px crops (the encoder keeps its size's depth: add ``model.encoder.stages=[1,1,2,1]``)."""
+    return [
+        "model.encoder.embed_dim=16",
+        "model.encoder.num_heads=1",
+        "model.encoder.pretrain_img_size=64",
+        "model.decoder_embed_dim=32",
+        "model.decoder_depth=2",
+        "model.decoder_num_heads=4",
+        "dataloader.train.img_size=64",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+    ]
+
+
+@pytest.fixture(scope="session")
+def mae_images(tmp_path_factory) -> Path:
+    """A folder of 7 generated images in two sub-folders, plus one corrupt file (8 files)."""
+
+    root = tmp_path_factory.mktemp("mae_images")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(exist_ok=True)
+        # Smooth random images (upsampled noise), so there is something to reconstruct.
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((96, 72), Image.BICUBIC).save(folder / f"{i}.png")
+    (root / "class1" / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+class Touch:
+    """Unpickling this calls ``pathlib.Path(path).touch()``: code run by loading a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """(a torch checkpoint, a model-zoo .pkl, the file either creates when unpickled)."""
+    flag = tmp_path / "code_ran"
+    from hiera_det.modeling import Hiera
+
+    weights = dict(Hiera(embed_dim=16, stages=(1, 1, 2, 1)).state_dict())
+    pth = tmp_path / "evil.pth"
+    torch.save({"model": weights, "iteration": 3, "payload": Touch(flag)}, pth)
+    pkl = tmp_path / "evil.pkl"
+    numpy_weights = {k: v.numpy() for k, v in weights.items()}
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": numpy_weights, "__author__": "x", "payload": Touch(flag)}, f, 2)
+    return pth, pkl, flag
+
+
+def assert_refused(run, path: Path, flag: Path) -> None:
+    with pytest.raises(UnsafeCheckpointError) as err:
+        run()
+    message = str(err.value)
+    assert str(path) in message and "getattr" in message, message  # the file and what it needed
+    assert TRUST_ENV in str(err.value)
+    assert not flag.exists(), "loading the checkpoint ran its code"
+
+
+@pytest.fixture
+def coco(tiny_coco, tmp_path) -> tuple[Path, Path, dict]:
+    """A private copy of the tiny COCO dataset: (json_file, image_root, content)."""
+    root = tmp_path / "images"
+    shutil.copytree(tiny_coco.image_root, root)
+    json_file = tmp_path / "instances.json"
+    content = json.loads(Path(tiny_coco.json_file).read_text())
+    json_file.write_text(json.dumps(content))
+    return json_file, root, content
+
+
+def write_json(json_file: Path, content: dict) -> None:
+    json_file.write_text(json.dumps(content))
+
+
+def copy_tiny_coco(tiny_coco, folder: Path) -> SimpleNamespace:
+    """A private copy of the tiny COCO dataset (4 images)."""
+    root = folder / "images"
+    shutil.copytree(tiny_coco.image_root, root)
+    json_file = folder / "instances.json"
+    shutil.copy(tiny_coco.json_file, json_file)
+    images = json.loads(json_file.read_text())["images"]
+    return SimpleNamespace(json_file=str(json_file), image_root=str(root), images=images)
+
+
+@pytest.fixture
+def broken_test_split(tiny_coco, tmp_path) -> SimpleNamespace:
+    """The tiny dataset with image 1 truncated and image 2 missing; `.bad` are their paths."""
+    data = copy_tiny_coco(tiny_coco, tmp_path / "test")
+    truncated, missing = (Path(data.image_root) / data.images[i]["file_name"] for i in (1, 2))
+    truncated.write_bytes(truncated.read_bytes()[:-200])
+    missing.unlink()
+    data.bad = [str(truncated), str(missing)]
+    data.bad_ids = [data.images[1]["id"], data.images[2]["id"]]
+    return data

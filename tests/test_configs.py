@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import is_ln, shrink_overrides
+from conftest import ROOT, is_ln, mae_shrink_overrides, shrink_overrides
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
 from detectron2.structures import Instances
@@ -220,3 +220,41 @@ def test_no_weight_decay_on_norms_and_position_table():
             norm = isinstance(module, (torch.nn.LayerNorm, ChannelsFirstLayerNorm))
             expected = 0.0 if norm or pname.startswith("pos_embed") else 0.1
             assert decay[id(p)] == expected, f"{name}.{pname}"
+
+
+# --- MAE pretraining configs (configs/mae/) ----------------------------------------------
+
+MAE_DROP_PATH = {"t": 0.0, "s": 0.0, "b": 0.2, "b_plus": 0.2, "l": 0.2, "h": 0.3}  # Table 14a
+MAE_SIZES = {
+    "t": "tiny",
+    "s": "small",
+    "b": "base",
+    "b_plus": "base_plus",
+    "l": "large",
+    "h": "huge",
+}
+
+
+@pytest.mark.parametrize("name", list(MAE_DROP_PATH))
+def test_every_mae_config_follows_table_14a_and_runs_shrunk(name, tmp_path):
+    cfg = LazyConfig.load(str(ROOT / f"configs/mae/mae_hiera_{name}.py"))
+    enc = cfg.model.encoder
+    assert (enc.size, enc.drop_path_rate, enc.q_pool) == (MAE_SIZES[name], MAE_DROP_PATH[name], 2)
+    m = cfg.model
+    assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads) == (512, 8, 16)
+    assert (m.mask_ratio, cfg.dataloader.train.scale, cfg.dataloader.train.img_size) == (
+        0.6,
+        (0.2, 1.0),
+        224,
+    )
+    assert (cfg.optimizer.betas, cfg.optimizer.weight_decay) == ((0.9, 0.95), 0.05)
+    assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.base_lr) == (400, 40, 8e-4)
+
+    cfg = LazyConfig.apply_overrides(cfg, mae_shrink_overrides())
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    assert model.encoder.blocks[-1].drop_path.__class__.__name__ == (
+        "DropPath" if MAE_DROP_PATH[name] else "Identity"
+    )
+    losses = model(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(losses["loss_mae"])

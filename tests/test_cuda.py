@@ -194,7 +194,7 @@ def test_default_predictor_runs_on_cuda_and_agrees_with_cpu(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import DefaultPredictor
 
-    from hiera_det import predictor_cfg
+    from hiera_det.predictor import predictor_cfg
 
     model = detector(TINY)
     DetectionCheckpointer(model, str(tmp_path)).save("model_final")

@@ -12,7 +12,7 @@ from detectron2.config import LazyConfig, instantiate
 from hiera_det.data.synthetic import SyntheticSpec, draw_image
 from hiera_det.engine.visualize import drawing_scale
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "quickstart.py")

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, load_script, shrink_overrides
+from detectron2.config import LazyConfig
 from detectron2.engine import DefaultPredictor, default_argument_parser
 
-from hiera_det.export import OnnxModelError, OnnxPredictor
+from hiera_det.export import OnnxModelError, OnnxPredictor, canonical_model_config
 from hiera_det.predictor import predictor_cfg
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 CONFIG = str(ROOT / "configs/mask_rcnn_hiera_t.py")
 # Keep every detection: 8 steps leave the scores near the default threshold (0.05), where a
@@ -166,6 +167,22 @@ def test_cascade_config_exports(tmp_path):
     argv = ["--config-file", str(config), "--output", str(tmp_path), *cascade_overrides()]
     check = tool.main([*argv, "train.init_checkpoint="])["check"]  # random weights
     assert check["agree"] and check["detections_onnx"] > 0, check
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, str(ROOT / "projects/ViTDet-Hiera/configs/COCO/cascade_mask_rcnn_hiera_b.py")],
+)
+def test_a_py_config_and_its_saved_yaml_give_the_same_model_config(config, tmp_path):
+    cfg = LazyConfig.load(config)
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))  # targets as (shortened) dotted names
+    canonical = canonical_model_config(cfg)
+    assert canonical == canonical_model_config(LazyConfig.load(str(tmp_path / "config.yaml")))
+    assert canonical["_target_"] == "detectron2.modeling.meta_arch.rcnn.GeneralizedRCNN"
+    bad = LazyConfig.load(str(tmp_path / "config.yaml"))
+    bad.model.backbone._target_ = "hiera_det.no_such_module.Thing"
+    with pytest.raises(OnnxModelError, match="model.backbone._target_=.*names nothing importable"):
+        canonical_model_config(bad)
 
 
 def test_export_needs_a_fixed_square(tmp_path):

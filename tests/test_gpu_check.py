@@ -8,7 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import load_script
+
+pytestmark = pytest.mark.slow  # end to end: the full suite, not the fast tier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +87,13 @@ def test_install_wheels_installs_only_what_is_missing(tmp_path):
     assert step["installed"] == ["hiera_det_absent_pkg-1.0-py3-none-any.whl"]
     assert (site / "hiera_det_absent_module.py").is_file()
     assert not (site / "not_installed_because_pytest_is_here.py").exists()
+
+
+def test_step_limits_change_by_name_and_name_a_bad_one(tmp_path):
+    gpu_check = load_script("tools/gpu_check.py", "gpu_check_tool")
+    limits = gpu_check.step_limits(gpu_check.STEP_LIMITS, ["mae=120", "train Hiera-B=60.5"])
+    assert limits["mae"] == 120 and limits["train Hiera-B"] == 60.5
+    assert limits["tests"] == gpu_check.STEP_LIMITS["tests"]
+    for bad in ("maee=3", "mae=soon", "mae"):
+        with pytest.raises(ValueError, match=f"--limit '{bad}'.*one of"):
+            gpu_check.step_limits(gpu_check.STEP_LIMITS, [bad])

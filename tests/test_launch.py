@@ -20,7 +20,7 @@ from hiera_det.engine.launch import (
     first_slurm_host,
     launch_from_args,
     local_gpu,
-    resume_after_elastic_restart,
+    resume_after_restart,
     slurm_default_port,
 )
 
@@ -173,16 +173,30 @@ def test_a_process_outside_its_group_writes_nothing(monkeypatch, tmp_path):
 def test_elastic_restart_resumes_from_the_last_checkpoint(monkeypatch, tmp_path, caplog):
     args = _args()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert not resume_after_elastic_restart(args, str(tmp_path)) and not args.resume
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert not resume_after_restart(args, str(tmp_path)) and not args.resume
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
     with caplog.at_level(logging.INFO, logger="detectron2"):
-        assert resume_after_elastic_restart(args, str(tmp_path)) and args.resume
+        assert resume_after_restart(args, str(tmp_path)) and args.resume
         assert f"resuming from the start: {tmp_path} has no checkpoint yet" in caplog.text
         (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
-        resume_after_elastic_restart(_args(), str(tmp_path))
+        resume_after_restart(_args(), str(tmp_path))
     assert (
         "torchrun restarted the worker group (restart 2): resuming from its last checkpoint "
         f"{tmp_path / 'model_0000009.pth'}"
+    ) in caplog.text
+
+
+def test_slurm_requeue_resumes_from_the_last_checkpoint(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
+    args = _args()
+    with caplog.at_level(logging.INFO, logger="detectron2"):
+        assert resume_after_restart(args, str(tmp_path)) and args.resume
+    assert (
+        "SLURM requeued the job (restart 1): resuming from its last checkpoint "
+        f"{tmp_path / 'model_0000004.pth'}"
     ) in caplog.text
 
 

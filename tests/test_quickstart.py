@@ -13,7 +13,7 @@ from hiera_det.data.synthetic import SyntheticSpec, register_synthetic
 from hiera_det.engine.visualize import PredictionPicturesHook, drawing_scale
 from hiera_det.modeling import Hiera
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.py"

@@ -124,3 +124,26 @@ def test_bad_spec_is_rejected():
         SyntheticSpec(shapes=("circle", "hexagon"))
     with pytest.raises(ValueError, match="objects"):
         SyntheticSpec(objects=(3, 2))
+
+
+def test_processes_that_ask_at_once_wait_for_one_writer(tmp_path):
+    """The ranks of a run all load the dataset on first use: one writes it, the others wait for
+    it (before, the second process failed on the first one's folders)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(
+            target=ensure_synthetic, args=(SPEC, tmp_path / "data"), kwargs={"progress": False}
+        )
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert json.loads((tmp_path / "data" / "stamp.json").read_text()) == SPEC.stamp()
+    reference = tmp_path / "reference"
+    ensure_synthetic(SPEC, reference, progress=False)
+    assert _files(tmp_path / "data") == _files(reference)

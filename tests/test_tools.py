@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import load_script, shrink_overrides
 
+pytestmark = pytest.mark.slow  # end to end: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -1,4 +1,7 @@
-"""train_net.py end to end on a tiny COCO-format dataset: train, resume, evaluate."""
+"""train_net.py end to end on a tiny COCO-format dataset, one process: train, resume, evaluate;
+datasets that are missing or broken stop before training; unreadable test images stop the run
+naming them, or are left out on request, or (changed during training) end it after a checkpoint.
+Kill/resume exactness: test_train_net_resume.py; stop signals: test_train_net_stop.py."""
 
 import json
 import os
@@ -6,19 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import shrink_overrides, write_tiny_coco
+from conftest import copy_tiny_coco, load_script, shrink_overrides, write_tiny_coco
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
 from hiera_det.data.datasets import apply_dataset_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
+train_net = load_script("train_net.py", "train_net")
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
 def arguments(tiny_coco, out: Path, *extra: str) -> list[str]:
@@ -145,3 +148,90 @@ def test_pre_training_check_parses_the_json_once(tmp_path, monkeypatch):
     train_net.check_datasets(cfg, eval_only=False)
     assert cfg.dataloader.train.dataset.names == "parse_once"
     assert parses.count(True) == 1
+
+
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    "OMP_NUM_THREADS": "1",
+}
+
+
+TIMEOUT = 900  # seconds; a run takes ~1 min on a quiet 2-core machine, several when it is loaded
+
+
+def _arguments(tiny_coco, test, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config-file", str(ROOT / "configs/mask_rcnn_hiera_t.py"), *shrink_overrides(128),
+        f"dataset.train=[eval_images_train,{tiny_coco.json_file},{tiny_coco.image_root}]",
+        f"dataset.test=[eval_images_{out.parent.name[-24:]},{test.json_file},{test.image_root}]",
+        f"train.output_dir={out}", "train.log_period=1", "train.max_iter=1", *extra,
+    ]  # fmt: skip
+
+
+def _run(arguments: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_net.py"), *arguments],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+
+
+def test_broken_test_split_stops_before_training(tiny_coco, broken_test_split, tmp_path):
+    out = tmp_path / "out"
+    run = _run(_arguments(tiny_coco, broken_test_split, out))
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    message = run.stderr[run.stderr.index("DatasetError: ") :]
+    assert all(path in message for path in broken_test_split.bad), message
+    assert broken_test_split.json_file in message and "skip_unreadable_test_images=True" in message
+    assert not (out / "metrics.json").exists() and "Starting training" not in run.stderr
+    # The report of the test split's json speaks of evaluation.
+    head = f"{broken_test_split.json_file}: 4 images"
+    report = [line for line in (run.stdout + run.stderr).splitlines() if head in line][0]
+    assert "evaluation" in report and "training skips" not in report, report
+    # --eval-only stops the same way.
+    run = _run(["--eval-only", *_arguments(tiny_coco, broken_test_split, out)])
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert all(path in run.stderr for path in broken_test_split.bad)
+
+
+def test_skip_unreadable_evaluates_the_readable_images(tiny_coco, broken_test_split, tmp_path):
+    out = tmp_path / "out"
+    skip = "dataset.skip_unreadable_test_images=True"
+    note = f"2 of the 4 images of 'eval_images_{tmp_path.name[-24:]}' are left out"
+    # Training (1 iteration), evaluated at the end; then --eval-only of its checkpoint.
+    train_net.main(
+        default_argument_parser().parse_args([*_arguments(tiny_coco, broken_test_split, out), skip])
+    )
+    weights = f"train.init_checkpoint={out / 'model_final.pth'}"
+    args = [*_arguments(tiny_coco, broken_test_split, out), skip, weights]
+    results = train_net.main(default_argument_parser().parse_args(["--eval-only", *args]))
+    assert set(results) == {"bbox", "segm"}
+    log = (out / "log.txt").read_text()
+    assert log.count("NOT over the whole test set") == 4 and log.count(note) == 4
+    # Each evaluation: after the AP tables and after print_csv_format's lines.
+    for run in log.split("Evaluation results for bbox")[1:]:
+        assert run.rindex(note) > run.rindex("copypaste:") > run.index(note)
+        assert run.index(note) > run.index("Evaluation results for segm")
+    # A misspelt option is an error, not ignored.
+    args[-2] = "dataset.skip_unreadable_test_image=True"
+    with pytest.raises(KeyError, match="dataset.skip_unreadable_test_image;"):
+        train_net.main(default_argument_parser().parse_args(["--eval-only", *args]))
+
+
+def test_image_broken_during_training_names_it_after_a_checkpoint(tiny_coco, tmp_path):
+    test = copy_tiny_coco(tiny_coco, tmp_path / "test")
+    out = tmp_path / "out"
+    path = Path(test.image_root) / test.images[1]["file_name"]
+    hook = f"train.extra_hooks=[{{_target_:run_hooks.TruncateFile,path:'{path}'}}]"
+    # Evaluation after iteration 0; the periodic checkpoints would come only at 5 and the end.
+    extra = ["train.max_iter=3", "train.eval_period=1", "train.checkpointer.period=5", hook]
+    run = _run(_arguments(tiny_coco, test, out, *extra))
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("hiera_det.data.images.BadImageError: evaluating dataset"), last
+    assert str(path) in last and "eval_images_" in last and "truncated" in last, last
+    saved = torch.load(out / "model_0000000.pth", weights_only=False)
+    assert saved["iteration"] == 0
+    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert all(np.isfinite(v.numpy()).all() for v in saved["model"].values())

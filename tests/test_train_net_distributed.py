@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import shrink_overrides
 
+pytestmark = pytest.mark.slow  # end to end: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/quickstart.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -43,7 +45,7 @@ def opts(tiny_coco) -> list[str]:
 def _run(launcher: list[str], output: Path, opts: list[str], *extra: str, env=None) -> str:
     """Run train_net.py into `output` (raw losses per step in losses.jsonl, plus `hooks`);
     return its stdout + stderr."""
-    hooks = [f"{{_target_:reliability_hooks.RawLossWriter,path:'{output / 'losses.jsonl'}'}}"]
+    hooks = [f"{{_target_:run_hooks.RawLossWriter,path:'{output / 'losses.jsonl'}'}}"]
     hooks += [h for h in extra if h.startswith("{")]
     command = [
         *launcher, str(ROOT / "train_net.py"), "--config-file", str(CONFIG),
@@ -109,7 +111,7 @@ def test_killed_worker_is_restarted_and_resumes_like_an_uninterrupted_run(
 ):
     """Rank 1 dies before step 5; step 4 needed both ranks' gradients, so rank 0 had saved
     model_0000003.pth (after step 3) before: the restarted group goes on from step 4."""
-    kill = "{_target_:reliability_hooks.KillFirstWorkerGroupOnce,iteration:5,rank:1}"
+    kill = "{_target_:run_hooks.KillFirstWorkerGroupOnce,iteration:5,rank:1}"
     _run([*TORCHRUN, "--max-restarts=1"], tmp_path, opts, kill)
     log = (tmp_path / "log.txt").read_text()
     assert (

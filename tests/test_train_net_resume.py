@@ -1,101 +1,25 @@
-"""train_net.py end to end, in subprocesses: a run killed at any point and restarted with --resume
-goes on with the losses of a run never stopped (detection and MAE); two CPU processes (gloo) train
-like one with the same total batch; bad overrides and non-finite losses stop with a message."""
+"""train_net.py killed and resumed, end to end in subprocesses: a detection run killed at any point
+and restarted with --resume goes on with the losses of a run never stopped (the MAE's:
+test_train_net_mae.py); two CPU processes (gloo, Detectron2's --num-gpus 2) train and evaluate
+like one with the same total batch."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import shrink_overrides
+from train_net_runs import (
+    DETECTION_CONFIG,
+    assert_same_losses,
+    read_losses,
+    run,
+    run_killed_then_resumed,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_NET = ROOT / "train_net.py"
-DETECTION_CONFIG = ROOT / "configs/mask_rcnn_hiera_b.py"
-MAE_CONFIG = ROOT / "configs/mae/mae_hiera_t.py"
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-    "OMP_NUM_THREADS": "1",  # CPU results must not depend on how many threads are free
-}
-
-
-def _command(config: Path, output: Path, opts: list[str], *extra: str) -> list[str]:
-    hook = (
-        f"[{{_target_:reliability_hooks.RawLossWriter,path:'{output / 'losses.jsonl'}'}},"
-        f"{{_target_:reliability_hooks.InitialWeightsWriter,path:'{output / 'initial.pth'}'}}]"
-    )
-    return [
-        sys.executable, str(TRAIN_NET), "--config-file", str(config), *extra, *opts,
-        f"train.output_dir={output}", f"train.extra_hooks={hook}",
-    ]  # fmt: skip
-
-
-def _run(config, output, opts, *extra, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        _command(config, output, opts, *extra),
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _losses(output: Path) -> dict[int, dict]:
-    """iteration -> raw losses of that step; a resumed run's rows replace the killed run's."""
-    rows = [json.loads(line) for line in (output / "losses.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r for r in rows}
-
-
-def _logged(output: Path, iteration: int) -> bool:
-    """Whether the run in `output` has finished step `iteration` (RawLossWriter's row)."""
-    path = output / "losses.jsonl"
-    return path.exists() and f'"iteration": {iteration},' in path.read_text()
-
-
-def _run_killed_then_resumed(config, output, opts, kill_after: str) -> int:
-    """Start a run, SIGKILL it as soon as `kill_after` holds (a checkpoint file that exists: right
-    after that save; ``"step N"``: step N logged, i.e. between checkpoints), resume it; return the
-    iteration the resumed run started at."""
-    process = subprocess.Popen(
-        _command(config, output, opts), cwd=ROOT, env=ENV,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    if kill_after.startswith("step "):
-        reached = lambda: _logged(output, int(kill_after.split()[1]))  # noqa: E731
-    else:
-        reached = (output / kill_after).exists
-    deadline = time.monotonic() + 600
-    while not reached():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, f"the run never reached {kill_after!r}"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
-    pointer = output / "last_checkpoint"
-    last = pointer.read_text().strip() if pointer.exists() else None  # None: killed mid-first-save
-    result = _run(config, output, opts, "--resume")
-    if last is None:
-        return 0
-    assert f"Loading from {output / last}" in result.stdout + result.stderr
-    return int(last[len("model_") : -len(".pth")]) + 1
-
-
-def _assert_same_losses(resumed: dict, reference: dict, first: int, last: int) -> None:
-    assert set(range(first, last + 1)) <= set(resumed)
-    for it in range(first, last + 1):
-        assert resumed[it].keys() == reference[it].keys()
-        for key, value in reference[it].items():
-            assert resumed[it][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (it, key)
+pytestmark = pytest.mark.slow  # end to end: the full suite, not the fast tier
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +44,14 @@ def detection_opts(tiny_coco) -> list[str]:
 def detection_reference_run(detection_opts, tmp_path_factory) -> Path:
     """The output folder of an uninterrupted single-process run."""
     output = tmp_path_factory.mktemp("detection_reference")
-    _run(DETECTION_CONFIG, output, detection_opts)
+    run(DETECTION_CONFIG, output, detection_opts)
     return output
 
 
 @pytest.fixture(scope="module")
 def detection_reference(detection_reference_run) -> dict[int, dict]:
     """Losses of an uninterrupted single-process run."""
-    losses = _losses(detection_reference_run)
+    losses = read_losses(detection_reference_run)
     assert sorted(losses) == list(range(6))
     assert len({round(r["total_loss"], 6) for r in losses.values()}) == 6
     return losses
@@ -147,9 +71,9 @@ def test_detection_resume_after_kill_matches_uninterrupted(
 ):
     """Checkpoints after steps 1, 3 and 5; the resumed run must repeat the uninterrupted run's
     losses from the step after its checkpoint on (drop path and data included)."""
-    start = _run_killed_then_resumed(DETECTION_CONFIG, tmp_path, detection_opts, kill_after)
+    start = run_killed_then_resumed(DETECTION_CONFIG, tmp_path, detection_opts, kill_after)
     assert start in resumed_at
-    _assert_same_losses(_losses(tmp_path), detection_reference, start, 5)
+    assert_same_losses(read_losses(tmp_path), detection_reference, start, 5)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -186,10 +110,10 @@ def test_two_cpu_processes_train_like_one(detection_opts, tmp_path):
         "model.roi_heads.mask_head.loss_weight=0.0",
         "optimizer.lr=1e-3",
     ]
-    _run(DETECTION_CONFIG, tmp_path / "one", opts)
-    _run(DETECTION_CONFIG, tmp_path / "two", opts, "--num-gpus", "2", "--dist-url", "auto")
+    run(DETECTION_CONFIG, tmp_path / "one", opts)
+    run(DETECTION_CONFIG, tmp_path / "two", opts, "--num-gpus", "2", "--dist-url", "auto")
     assert "World size: 2" in (tmp_path / "two" / "log.txt").read_text()
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
     assert sorted(two) == sorted(one) == list(range(6))
     for it in range(6):
         for key in ("loss_rpn_cls", "loss_rpn_loc"):
@@ -222,8 +146,8 @@ def test_eval_only_on_two_cpu_processes_matches_one(
         f"train.init_checkpoint={detection_reference_run / 'model_final.pth'}",
         "model.roi_heads.box_predictor.test_score_thresh=0.0",  # detections for every image
     ]
-    _run(DETECTION_CONFIG, tmp_path / "one", opts, "--eval-only")
-    _run(DETECTION_CONFIG, tmp_path / "two", opts, "--eval-only", "--num-gpus", "2",
+    run(DETECTION_CONFIG, tmp_path / "one", opts, "--eval-only")
+    run(DETECTION_CONFIG, tmp_path / "two", opts, "--eval-only", "--num-gpus", "2",
          "--dist-url", "auto")  # fmt: skip
     one = _copypaste((tmp_path / "one" / "log.txt").read_text())
     two_log = (tmp_path / "two" / "log.txt").read_text()
@@ -232,46 +156,3 @@ def test_eval_only_on_two_cpu_processes_matches_one(
     assert [line for line in one if line.startswith("Task: ")] == ["Task: bbox", "Task: segm"]
     values = [float(v) for line in one[2::3] for v in line.split(",") if v != "nan"]
     assert values and any(v > 0 for v in values)  # a real comparison, not zeros against zeros
-
-
-@pytest.fixture(scope="module")
-def mae_images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mae_images")
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    (root / "broken.jpg").write_bytes(b"not an image")  # skipped, and the run still resumes
-    return root
-
-
-def test_mae_resume_after_kill_matches_uninterrupted(mae_images, tmp_path):
-    opts = [
-        "model.encoder.embed_dim=16",
-        "model.encoder.num_heads=1",
-        "model.encoder.stages=[1,1,2,1]",
-        "model.encoder.pretrain_img_size=64",
-        "model.encoder.drop_path_rate=0.1",
-        "model.decoder_embed_dim=32",
-        "model.decoder_depth=1",
-        "model.decoder_num_heads=2",
-        f"dataloader.train.root={mae_images}",
-        "dataloader.train.img_size=64",
-        "dataloader.train.total_batch_size=2",
-        "dataloader.train.num_workers=0",
-        "train.max_iter=6",
-        "train.checkpointer.period=2",
-        "train.log_period=1",
-        "train.seed=5",
-        "train.device=cpu",
-    ]
-    _run(MAE_CONFIG, tmp_path / "full", opts)
-    log = (tmp_path / "full" / "log.txt").read_text()
-    assert "Skipped unreadable image" in log and "broken.jpg" in log
-    reference = _losses(tmp_path / "full")
-    assert sorted(reference) == list(range(6))
-    start = _run_killed_then_resumed(
-        MAE_CONFIG, tmp_path / "killed", opts, kill_after="model_0000003.pth"
-    )
-    _assert_same_losses(_losses(tmp_path / "killed"), reference, start, 5)

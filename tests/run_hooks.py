@@ -1,6 +1,6 @@
-"""Hooks for the end-to-end reliability tests: Detectron2's metrics.json holds losses smoothed
-over 20 iterations (a resumed run restarts that window), so tests compare raw per-step values;
-the weights a run starts from are saved to measure how far training moved them; a hook
+"""Hooks that end-to-end tests give train_net.py runs: Detectron2's metrics.json holds losses
+smoothed over 20 iterations (a resumed run restarts that window), so tests compare raw per-step
+values; the weights a run starts from are saved to measure how far training moved them; a hook
 that kills a torchrun worker once; and one that breaks an image after the check before the run."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import signal
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+
+from hiera_det.engine.evaluation import FastCOCOEvaluator
 
 
 class RawLossWriter(HookBase):
@@ -72,3 +74,28 @@ class TruncateFile(HookBase):
             data = f.read()
         with open(self.path, "wb") as f:
             f.write(data[: len(data) // 3])
+
+
+class PidWriter(HookBase):
+    """Write this process's pid to ``folder/pid_<rank>.txt`` before training (for tests that
+    signal one process of a run)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def before_train(self) -> None:
+        path = os.path.join(self.folder, f"pid_{comm.get_rank()}.txt")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)
+
+
+class SignalDuringEvaluation(FastCOCOEvaluator):
+    """The configs' evaluator, which sends this process SIGTERM when it is given the first
+    image's predictions: a stop signal that arrives while the run evaluates."""
+
+    def process(self, inputs, outputs) -> None:
+        if not getattr(self, "_signalled", False):
+            self._signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().process(inputs, outputs)

@@ -1,11 +1,10 @@
-"""Resumable data stream (hiera_det.data.sampling), per-step seeding and the checkpoint guards
-(hiera_det.engine.hooks), in process. End-to-end kill/resume runs of train_net.py are in
-test_reliability_train.py."""
+"""The resumable data stream (hiera_det.data.sampling): the sampler and loader start at any
+iteration of the same stream, with or without repeat factors and aspect-ratio groups, on any
+number of processes and loader workers. End-to-end kill/resume runs: test_train_net.py."""
 
 from __future__ import annotations
 
 import itertools
-import os
 from unittest import mock
 
 import numpy as np
@@ -13,18 +12,13 @@ import pytest
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
-from detectron2.engine import SimpleTrainer, hooks
-from detectron2.utils.events import EventStorage
-from torch import nn
 
-from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.data.sampling import (
     ResumableTrainingSampler,
     SeededMapDataset,
     build_resumable_train_loader,
     derive_seed,
 )
-from hiera_det.engine.hooks import DeterministicSteps, FiniteParametersCheck
 
 
 def _take(iterable, n):
@@ -74,7 +68,6 @@ def test_sampler_without_repeat_factors_is_unchanged():
     assert [i for i, _ in _take(ResumableTrainingSampler(10, 4, seed=7), 48)] == replay[:48]
 
 
-# Images 6 and 8 are never drawn; 2 and 7 two or three times an epoch.
 FACTORS = [0.3, 1.0, 2.5, 0.5, 1.7, 1.0, 0.0, 3.2, 0.0, 0.8]
 
 
@@ -149,17 +142,13 @@ def test_sampler_rejects_bad_repeat_factors(factors, message):
         ResumableTrainingSampler(10, 2, seed=0, repeat_factors=factors)
 
 
-def test_loader_takes_a_repeat_factor_sampler_and_resumes():
-    """An old config's `sampler=RepeatFactorTrainingSampler(...)` gives the resumable loader with
-    the sampler's repeat factors."""
+def test_loader_takes_repeat_factors_and_resumes_and_refuses_a_sampler():
+    """Repeat factors come in as `repeat_factors=` (or `repeat_thresh=`) and resume; a `sampler=`
+    of any kind is refused, saying what to pass instead."""
     dicts = [{"value": v, "width": 8 + v % 2, "height": 8} for v in range(10)]
     factors = torch.tensor(FACTORS)
     loader = build_resumable_train_loader(
-        dicts,
-        mapper=_augmented,
-        total_batch_size=3,
-        seed=5,
-        sampler=RepeatFactorTrainingSampler(factors, seed=0),
+        dicts, mapper=_augmented, total_batch_size=3, seed=5, repeat_factors=factors
     )
     assert hasattr(loader, "set_position")
     expected = _take(loader, 6)
@@ -170,22 +159,13 @@ def test_loader_takes_a_repeat_factor_sampler_and_resumes():
     assert _take(direct, 4) == expected[2:]
     values = [d["value"] for batch in expected for d in batch]
     assert not {6, 8} & set(values)
-    with pytest.raises(ValueError, match="not both"):
-        build_resumable_train_loader(
-            dicts,
-            mapper=_augmented,
-            total_batch_size=3,
-            sampler=RepeatFactorTrainingSampler(factors, seed=0),
-            repeat_factors=factors,
-        )
-    with pytest.raises(ValueError, match="need the resumable sampler"):
-        build_resumable_train_loader(
-            dicts,
-            mapper=_augmented,
-            total_batch_size=3,
-            sampler=TrainingSampler(10, seed=0),
-            repeat_factors=factors,
-        )
+    for sampler in (RepeatFactorTrainingSampler(factors, seed=0), TrainingSampler(10, seed=0)):
+        with pytest.raises(ValueError, match=r"no sampler=.*repeat_factors=.*repeat_thresh=") as e:
+            build_resumable_train_loader(
+                dicts, mapper=_augmented, total_batch_size=3, sampler=sampler
+            )
+        assert type(sampler).__name__ in str(e.value)
+        assert "build_detection_train_loader" in str(e.value)
 
 
 @pytest.mark.parametrize("factors", [None, FACTORS[:9] + [1.0, 2.0, 0.4, 1.5]])
@@ -250,106 +230,6 @@ def test_loader_batches_do_not_depend_on_workers_or_restarts(num_workers):
     loader.set_position(5, 2)
     assert _take(loader, 4) == expected[2:]
     assert all(len({d["value"] % 2 for d in batch}) == 1 for batch in expected)  # grouped
-
-
-class _NaNGradient(torch.autograd.Function):
-    """0 forward, NaN gradient backward: an update that overflows with a finite loss."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full((1, 2), float("nan"))
-
-
-class _Toy(nn.Module):
-    """A linear model whose loss becomes NaN at `nan_loss_at`, or whose weight becomes NaN after
-    the step of `nan_weight_at` (a finite loss with an overflowing update)."""
-
-    def __init__(self, nan_loss_at=None, nan_weight_at=None):
-        super().__init__()
-        self.linear = nn.Linear(2, 1)
-        self.nan_loss_at, self.nan_weight_at = nan_loss_at, nan_weight_at
-        self.calls = 0
-
-    def forward(self, batch):
-        self.calls += 1
-        loss = self.linear(torch.stack(batch)).pow(2).mean() + 0.01 * torch.rand(())
-        if self.calls - 1 == self.nan_loss_at:
-            loss = loss * float("nan")
-        if self.calls - 1 == self.nan_weight_at:
-            loss = loss + _NaNGradient.apply(self.linear.weight)  # finite loss, NaN gradient
-        return {"loss": loss}
-
-
-def _train(tmp_path, model, max_iter, period=2, seed=3):
-    tmp_path.mkdir(exist_ok=True)
-    data = itertools.cycle([[torch.ones(2), torch.zeros(2)]])
-    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
-    checkpointer = HieraCheckpointer(model, str(tmp_path), trainer=trainer)
-    trainer.register_hooks(
-        [
-            DeterministicSteps(seed),
-            FiniteParametersCheck(period),
-            hooks.PeriodicCheckpointer(checkpointer, period),
-        ]
-    )
-    trainer.train(0, max_iter)
-    return trainer
-
-
-def _last_checkpoint(tmp_path) -> str:
-    return (tmp_path / "last_checkpoint").read_text().strip()
-
-
-def test_nonfinite_loss_stops_before_the_checkpoint(tmp_path):
-    with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=5"):
-        _train(tmp_path, _Toy(nan_loss_at=5), max_iter=10)
-    assert _last_checkpoint(tmp_path) == "model_0000003.pth"
-    saved = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
-    assert saved["iteration"] == 3 and all(v.isfinite().all() for v in saved["model"].values())
-    assert not (tmp_path / "model_0000005.pth").exists()
-
-
-def test_nonfinite_weights_stop_before_the_checkpoint(tmp_path):
-    with pytest.raises(FloatingPointError, match="after iteration 5 .*linear.weight"):
-        _train(tmp_path, _Toy(nan_weight_at=5), max_iter=10)
-    assert _last_checkpoint(tmp_path) == "model_0000003.pth"
-    assert sorted(os.listdir(tmp_path)) == [
-        "last_checkpoint",
-        "model_0000001.pth",
-        "model_0000003.pth",
-    ]
-
-
-def test_steps_are_seeded_by_iteration_and_the_seed_is_checkpointed(tmp_path):
-    class Recorder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(()))
-            self.draws = []
-
-        def forward(self, batch):
-            self.draws.append(float(torch.rand(())))
-            return {"loss": self.w**2}
-
-    first = Recorder()
-    with EventStorage():
-        trainer = _train(tmp_path / "a", first, max_iter=6, seed=-1)
-    seed = trainer.state_dict()["hooks"]["DeterministicSteps"]["seed"]
-    assert seed >= 0
-    # Resume from iteration 3 with another configured seed: the checkpointed one wins.
-    resumed = Recorder()
-    data = itertools.cycle([[torch.ones(2)]])
-    trainer = SimpleTrainer(resumed, data, torch.optim.SGD(resumed.parameters(), lr=0.1))
-    trainer.register_hooks([DeterministicSteps(seed=99)])
-    HieraCheckpointer(resumed, str(tmp_path / "a"), trainer=trainer).load(
-        str(tmp_path / "a" / "model_0000003.pth")
-    )
-    trainer.train(4, 6)
-    assert resumed.draws == first.draws[4:]
 
 
 def test_loader_computes_repeat_factors_from_its_dicts():

@@ -1,4 +1,5 @@
-"""Image folder data for MAE (hiera_det.mae.data)."""
+"""Image folders: the listing (hiera_det.data.images) and MAE's image-folder loader
+(hiera_det.mae.data)."""
 
 import logging
 import os
@@ -8,13 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+from hiera_det.data.images import IMAGE_EXTENSIONS, list_images
+from hiera_det.data.sampling import SeededMapDataset
 from hiera_det.mae.data import (
     IMAGENET_MEAN,
     ImageFolder,
     build_mae_train_loader,
     build_mae_transform,
-    list_images,
 )
+
+SKIP_LOGGER = "hiera_det.data.images"  # BadImageSkipper's warnings
 
 
 def write_image(path, size=(40, 30), color=None, fmt=None):
@@ -33,6 +37,7 @@ def folder(tmp_path):
     write_image(str(root / "n01" / "b.png"))
     write_image(str(root / "n02" / "deeper" / "c.webp"), fmt="WEBP")
     write_image(str(root / "d.jpg"), fmt="JPEG")
+    write_image(str(root / "n02" / "e.TIF"), fmt="TIFF")
     (root / "notes.txt").write_text("not an image")
     write_image(str(root / ".hidden.jpg"), fmt="JPEG")
     return root
@@ -41,8 +46,10 @@ def folder(tmp_path):
 def test_lists_images_recursively_in_sorted_order_by_extension(folder):
     paths = list_images(str(folder))
     rel = [os.path.relpath(p, folder) for p in paths]
-    assert rel == ["d.jpg", "n01/a.JPEG", "n01/b.png", "n02/deeper/c.webp"]
+    assert rel == ["d.jpg", "n01/a.JPEG", "n01/b.png", "n02/deeper/c.webp", "n02/e.TIF"]
     assert list_images(str(folder)) == paths
+    # Every format PIL reads that demo.py and MAE take.
+    assert IMAGE_EXTENSIONS == (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def test_missing_or_empty_folders_are_named_in_the_error(tmp_path):
@@ -50,45 +57,82 @@ def test_missing_or_empty_folders_are_named_in_the_error(tmp_path):
         list_images(str(tmp_path / "nowhere"))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "x.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match="no images .* found under '.*empty'"):
+    with pytest.raises(FileNotFoundError, match="no images .* in folder '.*empty'"):
         list_images(str(tmp_path / "empty"))
 
 
-def test_corrupt_images_are_reported_by_path_and_replaced(folder):
+def test_corrupt_images_are_reported_by_path_and_replaced(folder, caplog):
     bad = folder / "n01" / "a.JPEG"
     bad.write_bytes(b"definitely not a jpeg")
     truncated = folder / "n01" / "b.png"
     truncated.write_bytes(truncated.read_bytes()[:60])
     dataset = ImageFolder(str(folder), transform=None)
-    index = dataset.paths.index(str(bad))
-    image, skipped = dataset[index]
+    image = dataset[0]  # d.jpg is fine
     assert isinstance(image, Image.Image) and image.mode == "RGB"
-    assert [s.split(": ")[0] for s in skipped] == [str(bad), str(truncated)]
-    assert dataset[0][1] == []  # d.jpg is fine
+    with caplog.at_level(logging.WARNING, logger=SKIP_LOGGER):
+        assert dataset[dataset.paths.index(str(bad))] is None
+        assert dataset[dataset.paths.index(str(truncated))] is None
+    messages = [r.getMessage() for r in caplog.records if "Skipped image" in r.getMessage()]
+    assert len(messages) == 2 and str(bad) in messages[0] and str(truncated) in messages[1]
+    assert "(2 images skipped so far" in messages[1]
+    # Through the loader's dataset another image, drawn from the sample's seed, replaces it.
+    for seed in range(5):
+        replaced = SeededMapDataset(dataset)[(dataset.paths.index(str(bad)), seed)]
+        assert isinstance(replaced, Image.Image) and replaced.mode == "RGB"
+
+
+def test_images_are_read_as_detection_reads_them(tmp_path):
+    """16-bit images scaled (not clipped at 255), EXIF orientation applied: `read_image_any`."""
+    ramp = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated by 90 degrees
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "turned.jpg", exif=exif)
+    dataset = ImageFolder(str(tmp_path), transform=None)
+    gray = np.asarray(dataset[dataset.paths.index(str(tmp_path / "gray16.png"))])
+    np.testing.assert_allclose(gray[:, :, 0], ramp / 257.0, atol=0.51)
+    assert dataset[dataset.paths.index(str(tmp_path / "turned.jpg"))].size == (30, 40)
 
 
 def test_a_folder_of_unreadable_files_raises_instead_of_looping(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="3 consecutive images .* unreadable"):
-        ImageFolder(str(tmp_path))[0]
+    dataset = SeededMapDataset(ImageFolder(str(tmp_path), max_consecutive_failures=3))
+    with pytest.raises(RuntimeError, match="3 images in a row could not be read"):
+        dataset[(0, 0)]
+
+
+def _skip_messages(records):
+    return [r.getMessage() for r in records if "Skipped image" in r.getMessage()]
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_loader_yields_batches_and_logs_each_skipped_file(folder, caplog, num_workers):
+def test_loader_yields_batches_and_logs_each_skipped_file(folder, caplog, tmp_path, num_workers):
+    """The reading process logs each skip with the file and its count (in a loader worker too:
+    its log reaches the handlers it inherited, here a file)."""
+    bad = str(folder / "n01" / "a.JPEG")
     (folder / "n01" / "a.JPEG").write_bytes(b"broken")
     loader = build_mae_train_loader(
         str(folder), total_batch_size=4, img_size=32, num_workers=num_workers, seed=0
     )
-    assert len(loader.dataset) == 4
-    with caplog.at_level(logging.WARNING, logger="hiera_det.mae.data"):
-        batches = [b for _, b in zip(range(3), loader)]  # 3 "epochs" of 4 images
+    assert loader.sampler.size == 5  # the listed images
+    log_file = tmp_path / "log.txt"
+    handler = logging.FileHandler(log_file)
+    logging.getLogger(SKIP_LOGGER).addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=SKIP_LOGGER):
+            batches = [b for _, b in zip(range(5), loader)]  # 4 epochs of 5 images
+    finally:
+        logging.getLogger(SKIP_LOGGER).removeHandler(handler)
+        handler.close()
     for batch in batches:
         assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32
-    messages = [r.getMessage() for r in caplog.records if "Skipped unreadable" in r.getMessage()]
-    assert len(messages) == 3 and loader.num_skipped == 3  # the file comes up once per epoch
-    assert all(str(folder / "n01" / "a.JPEG") in m for m in messages)
-    assert "(3 skipped so far" in messages[-1]
+    messages = [line for line in log_file.read_text().splitlines() if "Skipped image" in line]
+    if num_workers == 0:
+        assert messages == _skip_messages(caplog.records)
+    assert len(messages) >= 4  # the file comes up once per epoch, and maybe as a replacement
+    assert all(bad in m for m in messages)
+    assert f"({len(messages)} images skipped so far" in messages[-1]
 
 
 def test_loader_batches_are_normalised_with_the_imagenet_mean_and_std(tmp_path):
