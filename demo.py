@@ -16,12 +16,6 @@ image is reported by path and skipped; the run then exits with status 1.
 
 from __future__ import annotations
 
-# First: Detectron2's/fvcore's import-time torch.jit.script FutureWarning, silenced for those
-# imports only.
-import hiera_det.utils.third_party  # noqa: F401
-
-# isort: split
-
 import argparse
 import logging
 import os
@@ -37,9 +31,9 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from hiera_det.checkpoint_download import CheckpointVerificationError, CorruptCheckpointError
+from hiera_det.checkpoint_download import CorruptCheckpointError
 from hiera_det.config_check import ConfigOverrideError, load_config
-from hiera_det.data.images import BadImageError, read_image_any
+from hiera_det.data.images import BadImageError, list_images, read_image_any
 from hiera_det.engine.visualize import draw_predictions
 from hiera_det.export import OnnxModelError, OnnxPredictor
 from hiera_det.predictor import (
@@ -48,8 +42,6 @@ from hiera_det.predictor import (
     read_test_datasets,
     score_thresh_overrides,
 )
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 logger = logging.getLogger("demo")
 
@@ -78,17 +70,18 @@ def get_parser() -> argparse.ArgumentParser:
 
 def find_images(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     """``(image path, output path relative to --output)`` for every input file and every image
-    in the input folders (recursively, sorted). Raises naming a missing input or an empty folder.
+    in the input folders (`list_images`: recursive, sorted). Raises naming a missing input or an
+    empty folder.
     """
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(
-                p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not files:
-                raise DemoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {item}")
-            found += [(p, p.relative_to(item)) for p in files]
+            try:
+                files = list_images(str(item))
+            except FileNotFoundError as e:  # no images in the folder
+                raise DemoError(str(e)) from e
+            root = os.path.abspath(item)
+            found += [(Path(p), Path(os.path.relpath(p, root))) for p in files]
         elif item.is_file():
             found.append((item, Path(item.name)))
         else:
@@ -186,7 +179,6 @@ if __name__ == "__main__":
         DemoError,
         FileNotFoundError,  # also CheckpointUnavailableError: a URL that cannot be downloaded
         ConfigOverrideError,
-        CheckpointVerificationError,
         CorruptCheckpointError,
         OnnxModelError,
     ) as e:

@@ -19,10 +19,11 @@ import argparse
 import time
 
 import torch
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
 
 from hiera_det.config_check import ConfigOverrideError, load_config
-from hiera_det.utils.flops import backbone_trunk, flop_analysis, zero_score_thresh
+from hiera_det.predictor import score_thresh_overrides
+from hiera_det.utils.flops import backbone_trunk, flop_analysis
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -41,9 +42,9 @@ def main() -> None:
         cfg = load_config(args.config_file, args.opts)  # fails on unknown keys and wrong types
     except (ConfigOverrideError, FileNotFoundError) as e:
         parser.error(str(e))
+    LazyConfig.apply_overrides(cfg, score_thresh_overrides(cfg, 0.0))  # every detection kept
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
-    zero_score_thresh(model)
     trunk = backbone_trunk(model)
 
     parts = {

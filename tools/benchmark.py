@@ -98,13 +98,14 @@ def build(spec: str, task: str, opts: list[str]):
         name = f"{spec[len('official_') :]}_224"
         model = getattr(hiera, name)(pretrained=False, input_size=tuple(IMAGES.shape[-2:]))
         return model, lambda: model(IMAGES, return_intermediates=True)
-    from detectron2.config import instantiate
+    from detectron2.config import LazyConfig, instantiate
 
-    from hiera_det.utils.flops import backbone_trunk, zero_score_thresh
+    from hiera_det.predictor import score_thresh_overrides
+    from hiera_det.utils.flops import backbone_trunk
 
     cfg = load_model_config(spec, opts)
+    LazyConfig.apply_overrides(cfg, score_thresh_overrides(cfg, 0.0))  # every detection kept
     model = instantiate(cfg.model)
-    zero_score_thresh(model)
     if task == "backbone":
         net = backbone_trunk(model)
         return net, lambda: net(IMAGES)

@@ -5,9 +5,9 @@
         --onnx output/onnx/model.onnx --weights output/run1/model_final.pth --input photos/
 
 Runs `hiera_det.export.OnnxPredictor` (ONNX Runtime) and Detectron2's `DefaultPredictor`
-(`hiera_det.predictor_cfg`) on each image and prints, per image: the detection counts, whether
-the classes are equal (in order), the largest box and score differences, the smallest mask IoU
-(full-size masks; 1 when both are empty) and both latencies. Exits with status 1 if any image
+(`hiera_det.predictor.predictor_cfg`) on each image and prints, per image: the detection counts,
+whether the classes are equal (in order), the largest box and score differences, the smallest mask
+IoU (full-size masks; 1 when both are empty) and both latencies. Exits with status 1 if any image
 disagrees beyond boxes 0.01 px, scores 1e-4 or a mask IoU below 0.99.
 """
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""One command for a bare GPU machine: install the carried wheels, run the CUDA tests, train with
+"""Check a GPU machine and measure hiera_det on it, in one command: install what is missing from
+wheels downloaded elsewhere (for a cluster node without network), run the CUDA tests, train with
 AMP, time inference and the MAE step, and write one markdown report (docs/gpu.md).
 
-    bash tools/gpu_wheels.sh                                       # here, once: .gpu_wheels/
+    bash tools/gpu_wheels.sh                                       # with network, once
     python3 tools/gpu_check.py --wheels .gpu_wheels --output OUT   # on the GPU machine
-    python tools/gpu_check.py --cpu-smoke --output /tmp/smoke      # here: all of it, tiny, CPU
+    python tools/gpu_check.py --cpu-smoke --output /tmp/smoke      # any machine: tiny, on the CPU
 
 Steps (each a subprocess with its own time limit; a step that fails or runs out of time is
 reported as such and the next one still runs):
@@ -22,8 +23,8 @@ reported as such and the next one still runs):
 4. MAE: tools/benchmark_mae.py, Hiera-B, 224 px, fp16 AMP: ours vs the official hiera-transformer
    MAE (throughput, memory) and sparse vs dense encoder.
 
-Time budget of the real run on one H200: `BUDGET` (seconds per step; they sum to 470, under 8
-minutes, and a global deadline at their sum cuts a late step short). Expected use is well under.
+Each step's time limit is `STEP_LIMITS` (``--limit STEP=SECONDS`` changes one); ``--time-limit``
+adds a deadline for the whole run that cuts a late step short.
 """
 
 from __future__ import annotations
@@ -45,18 +46,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Seconds per step on the GPU machine; they sum to 470 (under 8 minutes).
-BUDGET = {
-    "install": 30,
-    "tests": 65,  # the dataset is drawn meanwhile
-    "data": 25,  # only what is left of drawing it after the tests
-    "train Hiera-B": 100,  # ~25 s of start-up, 100 iterations, one evaluation of 2 images
-    "train ViTDet-B": 100,
-    "inference": 110,  # 7 models x (fp32, fp16), each model in its own process
-    "mae": 40,
+# Seconds per step before it is stopped: generous for one GPU (a step that hangs is stopped, a
+# slow one finishes). --limit STEP=SECONDS changes one.
+STEP_LIMITS = {
+    "install": 300,
+    "tests": 900,  # the dataset is drawn meanwhile
+    "data": 300,  # only what is left of drawing it after the tests
+    "train Hiera-B": 900,
+    "train ViTDet-B": 900,
+    "inference": 1800,  # 7 models x (fp32, fp16), each model in its own process
+    "mae": 900,
 }
 # --cpu-smoke: the same steps, tiny, on a CPU; generous, as small machines are often shared.
-SMOKE_BUDGET = {k: 300 for k in BUDGET}
+SMOKE_LIMITS = dict.fromkeys(STEP_LIMITS, 300)
 
 # Carried wheels -> the module whose absence means "install it" (others: the distribution name).
 MODULE_OF = {
@@ -119,8 +121,21 @@ class Settings:
     mae_steps: int
     mae_warmup: int
     mae_amp: str | None
-    budget: dict
+    limits: dict
     opts: dict = field(default_factory=dict)  # extra overrides: "heads", "hiera", "vit"
+
+
+def step_limits(defaults: dict, changes: list[str]) -> dict:
+    """`defaults` with the ``STEP=SECONDS`` of `changes` applied; a ValueError names a bad one."""
+    limits = dict(defaults)
+    for change in changes:
+        step, _, seconds = change.rpartition("=")
+        if step not in limits or not seconds.replace(".", "", 1).isdigit():
+            raise ValueError(
+                f"--limit {change!r}: expected STEP=SECONDS with STEP one of {list(limits)}"
+            )
+        limits[step] = float(seconds)
+    return limits
 
 
 def real_settings(args) -> Settings:
@@ -140,7 +155,7 @@ def real_settings(args) -> Settings:
         mae_steps=10,
         mae_warmup=3,
         mae_amp="fp16",
-        budget=BUDGET,
+        limits=step_limits(STEP_LIMITS, args.limit),
     )
 
 
@@ -197,7 +212,7 @@ def smoke_settings(args) -> Settings:
         mae_steps=1,
         mae_warmup=0,
         mae_amp=None,  # fp32: autocast makes the MAE step many times slower on a CPU
-        budget=SMOKE_BUDGET,
+        limits=step_limits(SMOKE_LIMITS, args.limit),
         opts={"heads": heads + aug, "hiera": hiera, "vit": vit},
     )
 
@@ -339,10 +354,10 @@ def run_tests_and_draw_data(runner: Runner, cfg: Settings, work: Path, tests: bo
         start_new_session=True,
     )  # fmt: skip
     if tests:
-        runner.run("tests", pytest_command(), cfg.budget["tests"])
+        runner.run("tests", pytest_command(), cfg.limits["tests"])
     start = time.monotonic()
     try:
-        drawing.wait(timeout=max(1.0, cfg.budget["data"]))
+        drawing.wait(timeout=max(1.0, cfg.limits["data"]))
         status = "ok" if drawing.returncode == 0 else f"failed (exit {drawing.returncode})"
     except subprocess.TimeoutExpired:
         os.killpg(drawing.pid, signal.SIGKILL)
@@ -380,7 +395,7 @@ def train(runner: Runner, cfg: Settings, work: Path, data: Path, name: str, conf
         *cfg.opts.get("vit" if "vitdet" in config else "hiera", []),
     ]
     cmd = [sys.executable, "train_net.py", "--num-gpus", "1", "--config-file", config, *opts]
-    step = runner.run(f"train {name}", cmd, cfg.budget[f"train {name}"])
+    step = runner.run(f"train {name}", cmd, cfg.limits[f"train {name}"])
     step.update(model=name, config=config, batch=cfg.train_batch, **train_metrics(out))
     return step
 
@@ -429,7 +444,7 @@ def inference(runner: Runner, cfg: Settings, work: Path) -> dict:
     opts = cfg.opts.get("heads", []) + cfg.opts.get("hiera", [])
     if opts:
         cmd += ["--opts", *opts]
-    step = runner.run("inference", cmd, cfg.budget["inference"])
+    step = runner.run("inference", cmd, cfg.limits["inference"])
     step["results"] = json.loads(results.read_text()) if results.is_file() else []
     return step
 
@@ -442,7 +457,7 @@ def mae(runner: Runner, cfg: Settings, work: Path) -> dict:
     cmd += ["--batch", str(cfg.mae_batch), "--steps", str(cfg.mae_steps)]
     cmd += ["--warmup", str(cfg.mae_warmup), "--json", str(results)]
     cmd += ["--amp", cfg.mae_amp] if cfg.mae_amp else []
-    step = runner.run("mae", cmd, cfg.budget["mae"])
+    step = runner.run("mae", cmd, cfg.limits["mae"])
     step["results"] = json.loads(results.read_text()) if results.is_file() else {}
     return step
 
@@ -459,8 +474,8 @@ def _fmt(value, spec: str = ".2f", none: str = "—") -> str:
 def report_steps(steps: list[dict], cfg: Settings) -> list[str]:
     lines = ["| step | status | seconds | limit |", "|---|---|---|---|"]
     for s in steps:
-        budget = cfg.budget.get(s["name"], "")
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {budget} |")
+        limit = cfg.limits.get(s["name"], "")
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {limit} |")
     return lines
 
 
@@ -613,8 +628,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["tests", "train", "inference", "mae"]
     )
+    parser.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="STEP=SECONDS",
+        help=f"time limit of one step (defaults: {STEP_LIMITS}); may be repeated",
+    )
+    parser.add_argument(
+        "--time-limit", type=float, help="seconds for the whole run: a late step is cut short"
+    )
     args = parser.parse_args(argv)
-    cfg = smoke_settings(args) if args.cpu_smoke else real_settings(args)
+    try:
+        cfg = smoke_settings(args) if args.cpu_smoke else real_settings(args)
+    except ValueError as e:
+        parser.error(str(e))
     output, work = Path(args.output), Path(args.work)
     output.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -625,19 +653,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.cpu_smoke:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    deadline = time.monotonic() + sum(cfg.budget.values())
+    deadline = time.monotonic() + (args.time_limit or float("inf"))
     log_file = output / "gpu_check.log"
     log_file.write_text("")
     runner = Runner(log_file, env, deadline)
     found: dict = {}
     if args.wheels:
-        found["install"] = install_wheels(Path(args.wheels), site, runner, cfg.budget["install"])
+        found["install"] = install_wheels(Path(args.wheels), site, runner, cfg.limits["install"])
         if found["install"] not in runner.steps:
             runner.steps.append(found["install"])
     env_info = environment(runner)
     if "train" in args.skip:
         if "tests" not in args.skip:
-            runner.run("tests", pytest_command(), cfg.budget["tests"])
+            runner.run("tests", pytest_command(), cfg.limits["tests"])
     else:
         data = run_tests_and_draw_data(runner, cfg, work, tests="tests" not in args.skip)
         found["train"] = [train(runner, cfg, work, data, n, c) for n, c in TRAIN_MODELS]

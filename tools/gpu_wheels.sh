@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Download, here, the wheels that tools/gpu_check.py installs offline on a bare GPU machine
-# (Python 3.12, x86-64, PyTorch/torchvision/timm/numpy/scipy/matplotlib/opencv already there, no
-# network). They land in .gpu_wheels/ (git-ignored), to be carried with the working tree:
+# Download, on a machine with network, the wheels that tools/gpu_check.py installs on a GPU machine
+# without network, e.g. a cluster node (Python 3.12, x86-64, PyTorch/torchvision/timm/numpy/scipy/
+# matplotlib/opencv already there). They land in .gpu_wheels/ (git-ignored); copy them along with
+# the repository:
 #
 #   bash tools/gpu_wheels.sh            # ~15 MB; re-running it re-downloads nothing present
 #
@@ -14,8 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 DEST=${DEST:-.gpu_wheels}
-D2_VERSION=0.7.2
-D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
+source tools/detectron2_wheel.sh  # D2_VERSION, D2_SHA256, fetch_detectron2_wheel
 mkdir -p "$DEST"
 PIP="$PY -m pip --disable-pip-version-check"
 
@@ -38,17 +38,7 @@ $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$DEST" "${COMPILED[@]}"
 
-# Detectron2: the sal-detectron2 wheel is tagged cp310 but pure Python: check it, retag it.
-whl="$DEST/sal_detectron2-$D2_VERSION-py3-none-any.whl"
-if [ ! -f "$whl" ]; then
-  tmp=$(mktemp -d)
-  $PIP download -q --no-deps --only-binary=:all: --python-version 3.10 -d "$tmp" \
-    "sal-detectron2==$D2_VERSION"
-  src=$(ls "$tmp"/sal_detectron2-"$D2_VERSION"-*.whl)
-  echo "$D2_SHA256  $src" | sha256sum -c --quiet - || {
-    echo "[gpu_wheels] ERROR: sha256 of $src does not match $D2_SHA256" >&2; exit 1; }
-  mv "$src" "$whl"
-  rm -rf "$tmp"
-fi
+# Detectron2: the sal-detectron2 wheel, sha256-checked and retagged py3-none-any.
+fetch_detectron2_wheel "$PIP" "$DEST" > /dev/null
 ls "$DEST"
 du -sh "$DEST"

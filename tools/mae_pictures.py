@@ -3,7 +3,7 @@
 official MAE checkpoint::
 
     python tools/mae_pictures.py --config-file configs/mae/mae_hiera_b.py \
-        --checkpoint output/mae_hiera_b/model_final.pth --input DIR --output pictures.png
+        --checkpoint output/mae_hiera_base/model_final.pth --input DIR --output pictures.png
 
 Writes one PNG grid (`hiera_det.mae.pictures`): a row per image, the columns input / masked input /
 reconstruction / reconstruction with the visible units pasted back. Trailing ``key=value``
@@ -11,12 +11,6 @@ arguments override the config (checked: an unknown key or a wrong type is an err
 """
 
 from __future__ import annotations
-
-# First: Detectron2's/fvcore's import-time torch.jit.script FutureWarning, silenced for those
-# imports only.
-import hiera_det.utils.third_party  # noqa: F401
-
-# isort: split
 
 import argparse
 import logging
@@ -31,7 +25,6 @@ from detectron2.utils.logger import setup_logger
 from hiera_det.checkpoint import HieraCheckpointer
 from hiera_det.checkpoint_download import (
     CheckpointUnavailableError,
-    CheckpointVerificationError,
     CorruptCheckpointError,
     fetch_checkpoint,
 )
@@ -76,6 +69,6 @@ def main(argv: Sequence[str] | None = None) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointUnavailableError, CheckpointVerificationError, CorruptCheckpointError) as e:
+    except (CheckpointUnavailableError, CorruptCheckpointError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)

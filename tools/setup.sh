@@ -18,8 +18,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
-D2_VERSION=0.7.2
-D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
+source tools/detectron2_wheel.sh  # D2_VERSION, D2_SHA256, fetch_detectron2_wheel
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -35,14 +34,8 @@ $PIP install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 if ! $PY -c "import importlib.metadata as m, sys; sys.exit(m.version('sal-detectron2') != '')" 2>/dev/null; then
   echo "[setup] detectron2 (sal-detectron2==$D2_VERSION, sha256 checked)"
   tmp=$(mktemp -d)
-  $PIP download -q --no-deps --only-binary=:all: --python-version 3.10 \
-    -d "$tmp" "sal-detectron2==$D2_VERSION"
-  whl=$(ls "$tmp"/sal_detectron2-"$D2_VERSION"-*.whl)
-  echo "$D2_SHA256  $whl" | sha256sum -c --quiet - || {
-    echo "[setup] ERROR: sha256 of $whl does not match $D2_SHA256" >&2; exit 1; }
-  # The wheel is tagged cp310 but is pure Python: retag it so pip accepts it on 3.11.
-  mv "$whl" "$tmp/sal_detectron2-$D2_VERSION-py3-none-any.whl"
-  $PIP install -q --no-deps "$tmp/sal_detectron2-$D2_VERSION-py3-none-any.whl"
+  whl=$(fetch_detectron2_wheel "$PIP" "$tmp")
+  $PIP install -q --no-deps "$whl"
   rm -rf "$tmp"
 fi
 
