@@ -5,7 +5,7 @@ layout, and the opt-in torch.compile switch.
 References: the official model (parity of all four stages); timm's `HieraDet`
 (`timm.models.hieradet_sam2`, SAM 2's trunk) for windows (zero-padded at the border), global blocks
 and SAM 2's position embedding (SPEC.md section 5: windows of (8, 4, 14, 7) tokens = (1, 1, 7, 7)
-mask units, no attention mask; tests/test_sam2.py does the same through the SAM 2 configs and
+mask units, no attention mask; tests/test_checkpoint.py does the same through the SAM 2 configs and
 files); timm's `Hiera` with ``abs_win_pos_embed=True`` for the "abs_win" table; Detectron2's ViT
 `get_abs_pos` and timm's `resample_abs_pos_embed` for the official table resized to the input.
 Reference inputs are 1024 px squares (the detection recipe) and non-square sizes whose unit grids

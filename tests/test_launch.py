@@ -1,7 +1,7 @@
 """hiera_det.engine.launch in one process: what torchrun's and SLURM's variables say, the
 messages for partial or contradictory ones, mixing with Detectron2's flags, a process outside its
 group stopping before it writes, and the resume after an elastic restart. (The processes
-themselves are started in tests/test_distributed_launch.py.)"""
+themselves are started in tests/test_train_net_distributed.py.)"""
 
 from __future__ import annotations
 

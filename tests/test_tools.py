@@ -213,3 +213,22 @@ def test_profile_detector_names_a_mistyped_override():
     assert run.returncode != 0
     assert "unknown config key 'model.backbne.out_channels'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_benchmark_data_makes_a_coco_like_file_and_times_the_checks(tmp_path):
+    run = run_tool("tools/benchmark_data.py", "--images=200", f"--output={tmp_path}")
+    content = json.loads((tmp_path / "instances_200.json").read_text())
+    assert len(content["images"]) == 200 and len(content["categories"]) == 80
+    assert 1000 < len(content["annotations"]) < 2000  # ~7.3 per image
+    assert sum(a["iscrowd"] for a in content["annotations"]) < 0.05 * len(content["annotations"])
+    assert len(list((tmp_path / "images").iterdir())) == 200
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 5 and rows[0].startswith("| Detectron2's `load_coco_json` |")
+    assert all(" s | " in row and " GB | " in row for row in rows)
+    kept = list((tmp_path / "dataset_checks" / "checks").iterdir())
+    assert len(kept) == 1 and kept[0].name.endswith(".json")
+    # the file the tool makes passes the checks with no annotation skipped
+    from hiera_det.data.validation import validate_coco_json
+
+    report = validate_coco_json(str(tmp_path / "instances_200.json"), str(tmp_path / "images"))
+    assert report.skipped_annotations == {} and report.missing_images == []

@@ -4,13 +4,18 @@ test image before evaluation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import random
 
 import pytest
+import simdjson
 from conftest import write_json
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from hiera_det.data import validation
 from hiera_det.data.datasets import register_coco_format, register_readable_subset
 from hiera_det.data.validation import (
     DatasetError,
@@ -101,6 +106,147 @@ def test_validate_reads_a_rewritten_file_again(coco):
     assert json_file.stat().st_size == size
     with pytest.raises(DatasetError, match="duplicate annotation id 1"):
         validate_coco_json(str(json_file), str(root))
+
+
+ODD_TYPES = {
+    "none": [],
+    "bools, strings, lists": [
+        lambda: [[True, 0, 10, 0, 10, 10]],
+        lambda: [["1", 0, 10, 0, 10, 10]],
+        lambda: [[[1, 2], 3, 4, 5, 6, 7]],
+    ],
+    "NaN": [lambda: [[float("nan"), 0, 10, 0, 10, 10], [10, 10, 30, 10, 30, 30]]],
+}
+
+
+def _varied_annotations(rng: random.Random, sizes: list, odd_types: list) -> list[dict]:
+    """Annotations of the kinds the checks tell apart: good ones, near-degenerate polygons,
+    boxes at and beyond the edges, RLEs, and segmentations made by `odd_types`."""
+    segmentations = [
+        lambda: [[10, 10, 30, 10, 30, 30]],
+        lambda: [[0, 0, 5, 5, 10, 10]],  # collinear
+        lambda: [[0, 0, 1e-9, 0, 0, 1e-9]],  # an area within rounding of zero
+        lambda: [[0, 0, 1e-3, 0, 0, 1e-3], [1, 2, 3, 4]],
+        lambda: [[1, 2, 3, 4, 5]],
+        lambda: [],
+        lambda: {"counts": "abc", "size": [32, 32]},
+        lambda: "not a segmentation",
+        lambda: None,
+    ] + odd_types
+    boxes = [[10, 10, 20, 20], [-5, -5, 20, 20], [0, 0, 0, 5], [63.5, 10, 5, 5], [-30, 0, 30, 9]]
+    annotations = []
+    for i in range(400):
+        image_id = rng.randrange(len(sizes)) + 1
+        ann = {"id": i + 1, "image_id": image_id, "category_id": 1}
+        ann["bbox"] = list(rng.choice(boxes))
+        segm = rng.choice(segmentations)()
+        if isinstance(segm, dict) and rng.random() < 0.5:
+            segm["size"] = [sizes[image_id - 1][1], sizes[image_id - 1][0]]
+        if segm is not None:
+            ann["segmentation"] = segm
+        annotations.append(ann)
+    return annotations
+
+
+@pytest.mark.parametrize("odd_types", ODD_TYPES)
+def test_screened_report_is_the_one_of_checking_each_annotation(coco, odd_types):
+    """Thousands of annotations are screened at once; the report must be the one
+    `find_annotation_problem` gives annotation by annotation. (simdjson refuses NaN: that file
+    is read by json and each annotation checked in Python.)"""
+    json_file, root, content = coco
+    sizes = [(img["width"], img["height"]) for img in content["images"]]
+    content["annotations"] = _varied_annotations(random.Random(0), sizes, ODD_TYPES[odd_types])
+    write_json(json_file, content)
+    if odd_types != "NaN":  # the screen, not the one-by-one check, clears the plain good ones
+        anns = content["annotations"]
+        lazy = list(simdjson.Parser().parse(json_file.read_bytes())["annotations"])
+        suspects = validation._screen_annotations(lazy, dict(enumerate(sizes, 1)), {1, 2})
+        plain = [
+            i for i, a in enumerate(anns) if a.get("segmentation") == [[10, 10, 30, 10, 30, 30]]
+        ]
+        good = [
+            i
+            for i in plain
+            if find_annotation_problem(anns[i], *sizes[anns[i]["image_id"] - 1]) is None
+        ]
+        assert good and suspects is not None and not set(good) & set(suspects)
+    expected: dict[str, list] = {}
+    for ann in json.loads(json_file.read_text())["annotations"]:
+        problem = find_annotation_problem(ann, *sizes[ann["image_id"] - 1])
+        if problem is not None:
+            expected.setdefault(problem.split(":")[0], []).append(ann["id"])
+    assert len(expected) >= 6  # the file has problems of many kinds
+    assert validate_coco_json(str(json_file), str(root)).skipped_annotations == expected
+
+
+def test_not_finite_bbox_is_named_whichever_parser_reads_the_file(coco):
+    """simdjson (installed by the set-up) refuses NaN, which Python's json and Detectron2 read:
+    the file is then read with json and the annotation named as before."""
+    json_file, root, content = coco
+    assert validation.simdjson is not None
+    content["annotations"][2]["bbox"] = [1, 2, float("nan"), 4]
+    write_json(json_file, content)
+    with pytest.raises(DatasetError, match="annotation id 3: bbox .* not 4 finite numbers"):
+        validate_coco_json(str(json_file), str(root))
+
+
+def _forget_checked_files() -> None:
+    """What a new process knows of checked files: nothing (the in-process cache emptied)."""
+    validation._checked.clear()
+
+
+def test_verdict_kept_on_disk_is_used_by_a_later_run(coco, tmp_path, caplog):
+    json_file, root, content = coco
+    content["annotations"][0]["segmentation"] = []
+    write_json(json_file, content)
+    cache = tmp_path / "dataset_checks"
+    first = validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
+    digest = hashlib.sha256(json_file.read_bytes()).hexdigest()
+    assert [p.name for p in cache.iterdir()] == [f"{digest}-v{validation.CHECK_VERSION}.json"]
+    _forget_checked_files()
+    (root / content["images"][-1]["file_name"]).unlink()  # files are looked up every time
+    with caplog.at_level(logging.INFO, logger="hiera_det.data.validation"):
+        again = validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
+    assert "verdict kept in" in caplog.text and "parsed" not in caplog.text
+    assert again.skipped_annotations == first.skipped_annotations == {"empty segmentation": [1]}
+    assert again.missing_images == [content["images"][-1]["file_name"]] != first.missing_images
+    assert (again.num_images, again.num_annotations) == (first.num_images, first.num_annotations)
+
+
+def test_kept_verdict_of_a_broken_file_stops_the_same_way(coco, tmp_path, caplog):
+    json_file, root, content = coco
+    content["annotations"][1]["id"] = 1
+    write_json(json_file, content)
+    cache = str(tmp_path / "dataset_checks")
+    with pytest.raises(DatasetError) as first:
+        validate_coco_json(str(json_file), str(root), cache_dir=cache)
+    _forget_checked_files()
+    moved = tmp_path / "moved.json"
+    json_file.rename(moved)  # the message names the file as it is now
+    with caplog.at_level(logging.INFO, logger="hiera_det.data.validation"):
+        with pytest.raises(DatasetError) as again:
+            validate_coco_json(str(moved), str(root), cache_dir=cache)
+    assert "verdict kept in" in caplog.text
+    assert str(again.value) == str(first.value).replace(str(json_file), str(moved))
+    assert "duplicate annotation id 1" in str(again.value)
+
+
+def test_unreadable_or_changed_kept_verdict_means_checking_again(coco, tmp_path, caplog):
+    json_file, root, content = coco
+    cache = tmp_path / "dataset_checks"
+    validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
+    (kept,) = cache.iterdir()
+    kept.write_text('{"num_images": ')  # cut short
+    _forget_checked_files()
+    with caplog.at_level(logging.INFO, logger="hiera_det.data.validation"):
+        validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
+    assert "parsed" in caplog.text
+    assert json.loads(kept.read_text())["num_images"] == len(content["images"])
+    content["annotations"][1]["category_id"] = 99  # another digest: another verdict
+    write_json(json_file, content)
+    with pytest.raises(DatasetError, match="category_id 99"):
+        validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_detectron2_unknown_category_error_does_not_name_the_file(coco):

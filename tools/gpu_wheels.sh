@@ -31,7 +31,7 @@ PURE=(
   setuptools==80.10.2
 )
 # Compiled: the CPython 3.12 manylinux builds.
-COMPILED=(pycocotools==2.0.11 shapely==2.2.0 PyYAML==6.0.4 protobuf==7.36.2)
+COMPILED=(pycocotools==2.0.11 shapely==2.2.0 PyYAML==6.0.4 protobuf==7.36.2 pysimdjson==7.0.2)
 
 $PIP wheel -q --no-deps -w "$DEST" "${PURE[@]}"
 $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

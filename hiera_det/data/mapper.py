@@ -89,7 +89,7 @@ class RobustDatasetMapper(DatasetMapper):
         Detectron2 reads inline, with the module function `detection_utils.read_image`, so no
         method of `DatasetMapper` reads the image and none can be overridden to read it with
         `read_image_any`; the steps after the read are these lines of its ``__call__``, and
-        ``tests/test_reliability_data.py`` checks that they give what `DatasetMapper` gives.
+        ``tests/test_mapper.py`` checks that they give what `DatasetMapper` gives.
         """
         sem_seg_gt = None
         if "sem_seg_file_name" in dataset_dict:

@@ -15,8 +15,10 @@ content is kept, keyed by a digest of the bytes (not by modification time, which
 when a file is rewritten within the file system's timestamp granularity). With ``cache_dir``, that
 verdict (errors included) is also kept on disk, ``<cache_dir>/<sha256>-v<CHECK_VERSION>.json``, so
 that a resumed or restarted run of an unchanged file only reads the file to digest it; whether the
-image files exist is looked up every time. Files are parsed with orjson when it is installed (the
-standard library's json otherwise, and for what orjson refuses but json reads, e.g. NaN).
+image files exist is looked up every time. Files are parsed with simdjson
+(pysimdjson) when it is installed, and the annotations' numbers screened as arrays; with the
+standard library's json otherwise, and for what simdjson refuses but json reads (e.g. NaN), each
+annotation checked in Python.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +42,9 @@ from detectron2.structures.masks import polygon_area
 from .images import BadImageError, check_image_file
 
 try:
-    import orjson
-except ImportError:  # the standard library's parser, slower
-    orjson = None
+    import simdjson
+except ImportError:  # the standard library's parser, and each annotation checked in Python
+    simdjson = None
 
 __all__ = [
     "DatasetError",
@@ -223,27 +226,52 @@ def _read_bytes(json_file: str) -> bytes:
 
 
 def _parse(json_file: str, data: bytes):
-    """The content of `data`: orjson's parse, or the standard library's where orjson has none or
-    refuses what json reads (NaN, integers over 64 bits); json's error names the problem."""
-    if orjson is not None:
+    """The content of `data`: a simdjson document (read lazily: the checks take the numbers of
+    the annotations as arrays, without a Python object each), or the standard library's parse
+    where simdjson is missing or refuses what json reads (NaN, integers over 64 bits)."""
+    if simdjson is not None:
         try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
+            return simdjson.Parser().parse(data)
+        except (ValueError, RuntimeError):
+            pass  # json reads it, or names the problem
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(json_file, f"not valid JSON ({e})") from e
 
 
-def _check_categories(json_file: str, content) -> set[int]:
-    """The category ids, after checking the top level and ``categories``."""
-    if not isinstance(content, dict):
-        raise _fail(json_file, f"top level is a {type(content).__name__}, not an object")
+def _is_object(value) -> bool:
+    return isinstance(value, dict) or (simdjson is not None and isinstance(value, simdjson.Object))
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, list) or (simdjson is not None and isinstance(value, simdjson.Array))
+
+
+def _python(value):
+    """`value` as Python objects (a simdjson object or array converted; the rest as it is)."""
+    if simdjson is not None and isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if simdjson is not None and isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def _top_level(json_file: str, content) -> tuple[list, list, list]:
+    """(images, categories, annotations) of `content`, after checking that it is an object with
+    these three lists; images and categories as Python objects, annotations as they are (simdjson
+    objects stay lazy)."""
+    if not _is_object(content):
+        kind = "list" if _is_array(content) else type(content).__name__
+        raise _fail(json_file, f"top level is a {kind}, not an object")
     for key in ("images", "annotations", "categories"):
-        if not isinstance(content.get(key), list):
+        if not _is_array(content.get(key)):
             raise _fail(json_file, f"no {key!r} list (not a COCO instances file)")
-    categories = content["categories"]
+    return _python(content["images"]), _python(content["categories"]), list(content["annotations"])
+
+
+def _check_categories(json_file: str, categories: list) -> set[int]:
+    """The category ids, after checking ``categories``."""
     if not categories:
         raise _fail(json_file, "'categories' is empty")
     for i, cat in enumerate(categories):
@@ -282,13 +310,15 @@ def _check_annotations(
 ) -> dict[str, list]:
     """Problem -> ids of the annotations training skips, after checking every annotation.
 
-    `_screen_annotations` looks at all of them at once (numpy over columns) and names the ones
-    that might have a problem; only those go through `_check_annotation`, so the report is the
-    one checking each would give. A file it cannot screen, or with a problem that stops the run,
-    is checked one annotation at a time (the first problem in file order is the one named)."""
+    `_screen_annotations` looks at all of them at once (numpy over columns of a simdjson
+    document) and names the ones that might have a problem; only those go through
+    `_check_annotation`, so the report is the one checking each would give. A file it cannot
+    screen, or with a problem that stops the run, is checked one annotation at a time (the first
+    problem in file order is the one named)."""
     suspects = _screen_annotations(annotations, sizes, known)
     if suspects is None:
-        return _check_each_annotation(json_file, annotations, sizes, known, range(len(annotations)))
+        every = range(len(annotations))
+        return _check_each_annotation(json_file, annotations, sizes, known, every)
     return _check_each_annotation(json_file, annotations, sizes, known, suspects, screened=True)
 
 
@@ -305,7 +335,7 @@ def _check_each_annotation(
     skipped: dict[str, list] = {}
     seen_ids = set()
     for i in indices:
-        ann = annotations[i]
+        ann = _python(annotations[i])
         if not isinstance(ann, dict):
             raise _fail(json_file, f"annotations[{i}] is a {type(ann).__name__}, not an object")
         ann_id = ann.get("id", f"#{i}")
@@ -343,114 +373,158 @@ _AREA_MARGIN = 1e-6  # polygons with |area| this small are checked one by one (r
 
 def _screen_annotations(annotations: list, sizes: dict, known: set[int]) -> list[int] | None:
     """Indices of the annotations that `_check_annotation` might reject, a superset of them;
-    None when the whole file must be checked one annotation at a time: it is not a list of
-    objects with unique ids, known images and categories, 4-number bboxes and no bbox_mode."""
-    if not all(type(a) is dict for a in annotations):
-        return None
-    ids = [a.get("id") for a in annotations]
-    if None in ids or len(set(ids)) != len(ids):
-        return None
-    if any(
-        a.get("image_id") not in sizes or a.get("category_id") not in known for a in annotations
-    ):
-        return None
-    if any("bbox_mode" in a for a in annotations):
+    None when each annotation must be checked in Python: they are not simdjson objects, or not
+    all with unique ids, known images and categories, 4-number bboxes and no bbox_mode."""
+    if simdjson is None or not all(isinstance(a, simdjson.Object) for a in annotations):
         return None
     suspects: list[int] = []
+    seen_ids: set = set()
     for start in range(0, len(annotations), _SCREEN_CHUNK):
-        chunk = annotations[start : start + _SCREEN_CHUNK]
-        found = _screen_chunk(chunk, sizes)
-        if found is None:
+        columns = _Columns.of(annotations[start : start + _SCREEN_CHUNK])
+        if columns is None or not columns.references_known(seen_ids, sizes, known):
             return None
-        suspects += [start + i for i in found]
+        suspects += [start + i for i in columns.suspects(sizes)]
     return suspects
 
 
-def _screen_chunk(chunk: list[dict], sizes: dict) -> list[int] | None:
-    """`_screen_annotations` for one chunk: boxes by numpy, then segmentations."""
-    try:
-        boxes = np.asarray([a.get("bbox") for a in chunk] or np.zeros((0, 4)))
-    except (TypeError, ValueError):  # a bbox of another length: checked one by one
-        return None
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.dtype.kind not in "iuf":
-        return None
-    if not np.isfinite(boxes).all():
-        return None
-    wh = np.asarray([sizes[a["image_id"]] for a in chunk] or np.zeros((0, 2)), dtype=np.float64)
-    x0, y0, w, h = boxes.T.astype(np.float64)
-    bad = (w <= 0) | (h <= 0) | (x0 >= wh[:, 0]) | (y0 >= wh[:, 1]) | (x0 + w <= 0) | (y0 + h <= 0)
-    return sorted(set(np.flatnonzero(bad).tolist()) | set(_suspect_segmentations(chunk)))
+@dataclass
+class _Columns:
+    """The numbers of a chunk of annotations as arrays: boxes, and the polygons' coordinates one
+    after the other, with the annotation each polygon belongs to (`owners`) and its length;
+    `odd`: annotations whose segmentation is not a list of number lists (checked one by one)."""
+
+    ids: list
+    image_ids: list
+    category_ids: list
+    boxes: np.ndarray
+    coords: np.ndarray
+    owners: np.ndarray
+    lengths: np.ndarray
+    odd: list[int]
+
+    @staticmethod
+    def of(chunk: list) -> _Columns | None:
+        """The columns of `chunk` (simdjson objects), or None when a bbox is not 4 numbers or an
+        annotation has a bbox_mode (each is then checked in Python)."""
+        ids, image_ids, category_ids, boxes, odd, owners, polygons = [], [], [], [], [], [], []
+        try:
+            for i, ann in enumerate(chunk):
+                bbox = ann.get("bbox")
+                has_mode = "bbox_mode" in ann.keys()  # a lookup that misses costs 10x more
+                if has_mode or not isinstance(bbox, simdjson.Array) or len(bbox) != 4:
+                    return None
+                boxes.append(bbox.as_buffer(of_type="d"))
+                ids.append(ann.get("id"))
+                image_ids.append(ann.get("image_id"))
+                category_ids.append(ann.get("category_id"))
+                if not _add_polygons(ann.get("segmentation"), polygons):
+                    odd.append(i)
+                owners += [i] * (len(polygons) - len(owners))
+        except TypeError:  # a bbox value that is not a number
+            return None
+        return _Columns(
+            ids, image_ids, category_ids,
+            boxes=np.frombuffer(b"".join(boxes), dtype=np.float64).reshape(-1, 4),
+            coords=np.frombuffer(b"".join(polygons), dtype=np.float64),
+            owners=np.asarray(owners, dtype=np.int64),
+            lengths=np.asarray([memoryview(p).nbytes // 8 for p in polygons], dtype=np.int64),
+            odd=odd,
+        )  # fmt: skip
+
+    def references_known(self, seen_ids: set, sizes: dict, known: set[int]) -> bool:
+        """Ids present and unique (also across the chunks seen before), images and categories
+        known."""
+        if not all(type(i) in (int, str) for i in self.ids):
+            return False
+        ids = set(self.ids)
+        if len(ids) != len(self.ids) or not seen_ids.isdisjoint(ids):
+            return False
+        seen_ids |= ids
+        return all(i in sizes for i in self.image_ids) and all(
+            c in known for c in self.category_ids
+        )
+
+    def suspects(self, sizes: dict) -> list[int]:
+        """Indices (in the chunk) of the annotations `_check_annotation` might reject."""
+        if not np.isfinite(self.boxes).all():
+            return list(range(len(self.ids)))
+        wh = np.asarray([sizes[i] for i in self.image_ids], dtype=np.float64).reshape(-1, 2)
+        x0, y0, w, h = self.boxes.T
+        bad = (
+            (w <= 0)
+            | (h <= 0)
+            | (x0 >= wh[:, 0])
+            | (y0 >= wh[:, 1])
+            | (x0 + w <= 0)
+            | (y0 + h <= 0)
+        )
+        areas, scales = _polygon_areas(self.coords, self.lengths)
+        lengths = self.lengths
+        ok = (lengths >= 6) & (lengths % 2 == 0) & (areas > _AREA_MARGIN * (1 + scales))
+        has_polygon = np.zeros(len(self.ids), dtype=bool)
+        has_polygon[self.owners] = True
+        has_good = np.zeros(len(self.ids), dtype=bool)
+        has_good[self.owners[ok]] = True
+        bad |= has_polygon & ~has_good
+        bad[self.odd] = True
+        return np.flatnonzero(bad).tolist()
 
 
-def _suspect_segmentations(chunk: list[dict]) -> list[int]:
-    """Annotations whose segmentation might be rejected: RLEs and other kinds (checked one by
-    one: few), polygon lists that are empty, of odd or short polygons, not numbers, not finite,
-    or whose polygons have no area (or almost none)."""
-    suspects, owners, lengths, flat = [], [], [], []
-    for i, ann in enumerate(chunk):
-        segm = ann.get("segmentation")
-        if segm is None:
-            continue
-        if not isinstance(segm, list) or not segm or not all(type(p) is list for p in segm):
-            suspects.append(i)
-            continue
-        for polygon in segm:
-            owners.append(i)
-            lengths.append(len(polygon))
-            flat += polygon
-    try:
-        coords = np.asarray(flat, dtype=np.float64)
-    except (TypeError, ValueError):  # a value that is not a number: check them one by one
-        return sorted(set(suspects) | set(owners))
-    lengths, owners = np.asarray(lengths, dtype=np.int64), np.asarray(owners, dtype=np.int64)
-    ok = (lengths >= 6) & (lengths % 2 == 0)
-    ok &= _polygon_areas(coords, lengths) > _AREA_MARGIN * (1 + _polygon_extents(coords, lengths))
-    if not all(type(v) in (int, float) for v in flat):  # bools, numeric strings, None: one by one
-        return sorted(set(suspects) | set(owners.tolist()))
-    good_owner = np.zeros(len(chunk), dtype=bool)
-    good_owner[owners[ok]] = True
-    return sorted(set(suspects) | set(owners[~good_owner[owners]].tolist()))
+def _add_polygons(segmentation, polygons: list[bytes]) -> bool:
+    """Add the coordinates of each polygon of `segmentation` to `polygons` (as float64 bytes);
+    False (adding nothing) when it is not a non-empty list of number lists: an RLE, other kinds,
+    bools or strings among the numbers (checked one by one: they are few)."""
+    if segmentation is None:
+        return True
+    if not isinstance(segmentation, simdjson.Array) or not len(segmentation):
+        return False
+    found = []
+    for polygon in segmentation:
+        if not isinstance(polygon, simdjson.Array):
+            return False
+        try:
+            found.append(polygon.as_buffer(of_type="d"))
+        except TypeError:
+            return False
+    polygons += found
+    return True
 
 
-def _polygon_areas(coords: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """|Area| of each polygon of `coords` (their x, y pairs one after the other), by the shoelace
-    formula Detectron2's `polygon_area` uses; NaN for polygons that are not whole points or not
-    finite (they fail the check anyway)."""
-    areas = np.full(len(lengths), np.nan)
-    points = lengths // 2
-    whole = (lengths % 2 == 0) & (points > 0)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
-    if not whole.all() or not np.isfinite(coords).all() or not len(lengths):
-        return np.where(whole & (lengths > 0), areas, np.nan)  # checked one by one
-    x, y = coords[0::2], coords[1::2]
-    first = starts // 2
-    nxt = np.arange(len(x)) + 1
-    nxt[first + points - 1] = first  # each polygon closes on its own first point
-    cross = x * y[nxt] - x[nxt] * y
-    return 0.5 * np.abs(np.add.reduceat(cross, first))
-
-
-def _polygon_extents(coords: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """A scale per polygon (the largest |coordinate|, squared) for the area's rounding margin."""
-    if not len(lengths) or not np.isfinite(coords).all():
-        return np.zeros(len(lengths))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.maximum.reduceat(np.abs(coords), starts) ** 2 if coords.size else np.zeros(0)
+def _polygon_areas(coords: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|area|, scale) of each polygon of `coords` (their x, y pairs one after the other, each
+    polygon `lengths` values long): the area by the shoelace formula Detectron2's `polygon_area`
+    uses, the scale the largest |coordinate| squared (for the area's rounding margin). NaN for
+    polygons of an odd number of values or none, and where a coordinate is not finite."""
+    areas, scales = np.full(len(lengths), np.nan), np.full(len(lengths), np.nan)
+    whole = (lengths % 2 == 0) & (lengths > 0)
+    if not whole.any():
+        return areas, scales
+    xy = coords[np.repeat(whole, lengths)].reshape(-1, 2)
+    points = lengths[whole] // 2
+    first = np.concatenate([[0], np.cumsum(points)[:-1]])
+    following = np.arange(len(xy)) + 1
+    following[first + points - 1] = first  # each polygon closes on its own first point
+    x, y = xy[:, 0], xy[:, 1]
+    cross = x * y[following] - x[following] * y
+    areas[whole] = 0.5 * np.abs(np.add.reduceat(cross, first))
+    scales[whole] = np.maximum.reduceat(np.maximum(np.abs(x), np.abs(y)), first) ** 2
+    return areas, scales
 
 
 def _check_content(json_file: str, content) -> _CheckedContent:
     """Check the parsed `content` of `json_file` (raises `DatasetError`)."""
-    known = _check_categories(json_file, content)
-    sizes = _check_images(json_file, content["images"])
-    skipped = _check_annotations(json_file, content["annotations"], sizes, known)
+    images, categories, annotations = _top_level(json_file, content)
+    known = _check_categories(json_file, categories)
+    sizes = _check_images(json_file, images)
+    skipped = _check_annotations(json_file, annotations, sizes, known)
     return _CheckedContent(
-        num_images=len(content["images"]),
-        num_annotations=len(content["annotations"]),
-        num_categories=len(content["categories"]),
+        num_images=len(images),
+        num_annotations=len(annotations),
+        num_categories=len(categories),
         skipped_annotations={k: tuple(v) for k, v in skipped.items()},
-        file_names=tuple(img["file_name"] for img in content["images"]),
-        image_ids=tuple(img["id"] for img in content["images"]),
-        image_sizes=tuple((img["width"], img["height"]) for img in content["images"]),
+        file_names=tuple(img["file_name"] for img in images),
+        image_ids=tuple(img["id"] for img in images),
+        image_sizes=tuple((img["width"], img["height"]) for img in images),
     )
 
 
@@ -465,17 +539,21 @@ def _read_kept(json_file: str, path: str) -> _CheckedContent | None:
         with open(path, "rb") as f:
             kept = json.loads(f.read())
         if "problem" not in kept:
-            return _CheckedContent(
+            verdict = _CheckedContent(
                 **{k: kept[k] for k in ("num_images", "num_annotations", "num_categories")},
                 skipped_annotations={k: tuple(v) for k, v in kept["skipped_annotations"].items()},
                 file_names=tuple(kept["file_names"]),
                 image_ids=tuple(kept["image_ids"]),
                 image_sizes=tuple(tuple(wh) for wh in kept["image_sizes"]),
             )
-        problem = str(kept["problem"])
+        else:
+            verdict = _fail(json_file, str(kept["problem"]))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    raise _fail(json_file, problem)
+    logger.info(f"{json_file}: checked before, verdict kept in {path}")
+    if isinstance(verdict, DatasetError):
+        raise verdict
+    return verdict
 
 
 def _keep(path: str, verdict: _CheckedContent | DatasetError) -> None:
@@ -491,6 +569,19 @@ def _keep(path: str, verdict: _CheckedContent | DatasetError) -> None:
     os.replace(tmp, path)
 
 
+def _check_and_keep(json_file: str, content, kept: str | None) -> _CheckedContent:
+    """`_check_content`; its verdict, error included, kept at `kept` (unless None)."""
+    try:
+        checked = _check_content(json_file, content)
+    except DatasetError as error:
+        if kept is not None:
+            _keep(kept, error)
+        raise
+    if kept is not None:
+        _keep(kept, checked)
+    return checked
+
+
 def _checked_content(json_file: str, cache_dir: str | None = None) -> _CheckedContent:
     """Parse and check `json_file`, or take what an earlier call (this process's, or one kept in
     `cache_dir`) learnt from the same bytes."""
@@ -502,16 +593,13 @@ def _checked_content(json_file: str, cache_dir: str | None = None) -> _CheckedCo
     kept = None if cache_dir is None else _kept_path(cache_dir, digest)
     checked = None if kept is None else _read_kept(json_file, kept)
     if checked is None:
+        start, size_mb = time.perf_counter(), len(data) / 2**20
         content = _parse(json_file, data)
         del data  # the parsed content is all the checks need
-        try:
-            checked = _check_content(json_file, content)
-        except DatasetError as error:
-            if kept is not None:
-                _keep(kept, error)
-            raise
-        if kept is not None:
-            _keep(kept, checked)
+        checked = _check_and_keep(json_file, content, kept)
+        del content
+        seconds = time.perf_counter() - start
+        logger.info(f"{json_file}: parsed ({size_mb:.0f} MB) and checked in {seconds:.1f} s")
     _checked[digest] = checked
     while len(_checked) > _CACHED_FILES:
         _checked.popitem(last=False)
