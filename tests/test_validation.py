@@ -205,6 +205,7 @@ def test_verdict_kept_on_disk_is_used_by_a_later_run(coco, tmp_path, caplog):
     assert [p.name for p in cache.iterdir()] == [f"{digest}-v{validation.CHECK_VERSION}.json"]
     _forget_checked_files()
     (root / content["images"][-1]["file_name"]).unlink()  # files are looked up every time
+    caplog.clear()  # only what the second check logs
     with caplog.at_level(logging.INFO, logger="hiera_det.data.validation"):
         again = validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
     assert "verdict kept in" in caplog.text and "parsed" not in caplog.text
@@ -223,6 +224,7 @@ def test_kept_verdict_of_a_broken_file_stops_the_same_way(coco, tmp_path, caplog
     _forget_checked_files()
     moved = tmp_path / "moved.json"
     json_file.rename(moved)  # the message names the file as it is now
+    caplog.clear()  # only what the second check logs
     with caplog.at_level(logging.INFO, logger="hiera_det.data.validation"):
         with pytest.raises(DatasetError) as again:
             validate_coco_json(str(moved), str(root), cache_dir=cache)
@@ -238,6 +240,7 @@ def test_unreadable_or_changed_kept_verdict_means_checking_again(coco, tmp_path,
     (kept,) = cache.iterdir()
     kept.write_text('{"num_images": ')  # cut short
     _forget_checked_files()
+    caplog.clear()  # only what the second check logs
     with caplog.at_level(logging.INFO, logger="hiera_det.data.validation"):
         validate_coco_json(str(json_file), str(root), cache_dir=str(cache))
     assert "parsed" in caplog.text
