@@ -122,6 +122,8 @@ def do_train(args, cfg) -> None:
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
             if has_evaluation(cfg)
             else None,
+            # model_best.pth after each evaluation that beats the ones before (the last included).
+            best_checkpointer(cfg, checkpointer) if main else None,
             # Console (loss, lr, time, ETA), metrics.json and TensorBoard.
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -148,6 +150,17 @@ def do_train(args, cfg) -> None:
         close = getattr(train_loader, "close", None)  # ResumableDataLoader: its workers
         if close is not None:
             close()
+
+
+def best_checkpointer(cfg, checkpointer) -> hooks.BestCheckpointer | None:
+    """Detectron2's `BestCheckpointer` on ``train.best_checkpoint.metric`` (e.g. ``bbox/AP``, a
+    key of the flattened evaluation results); None without evaluation or metric."""
+    best = cfg.train.get("best_checkpoint", None) or {}
+    if not has_evaluation(cfg) or not best.get("metric"):
+        return None
+    return hooks.BestCheckpointer(
+        cfg.train.eval_period, checkpointer, best.metric, mode=best.get("mode", "max")
+    )
 
 
 def stop_for_resume(cfg, periodic_checkpointer) -> StopForResume | None:
@@ -231,8 +244,9 @@ def main(args) -> dict | None:
         model = create_ddp_model(model, **cfg.train.ddp)
         HieraCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
-    # MAE configs give epochs: set train.max_iter, warm-up and lr from the image count (else no-op).
-    resolve_epoch_schedule(cfg)
+    # train.epochs (MAE's recipe, or given for a dataset of one's own): train.max_iter, warm-up,
+    # lr and periods from the image count; the keys given on the command line stay (else no-op).
+    resolve_epoch_schedule(cfg, given=[o.split("=", 1)[0].lstrip("+~") for o in args.opts])
     do_train(args, cfg)
     return None
 

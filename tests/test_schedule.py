@@ -106,3 +106,48 @@ def test_epoch_schedule_keeps_an_explicit_max_iter_and_skips_configs_without_epo
     cfg.train.epochs, cfg.train.checkpointer.period = 100, 3  # an explicit period stays
     resolve_epoch_schedule(cfg, num_images=100)
     assert cfg.train.checkpointer.period == 3
+
+
+def test_detection_config_in_epochs_follows_the_dataset_and_the_batch(caplog):
+    """``train.epochs=12`` on a COCO recipe config for a registered dataset of 250 images at
+    batch 8: 31 iterations per epoch; lr scaled from the recipe's batch 64; ViTDet's decays at the
+    same fractions; evaluation and checkpoints in epochs; the log says it in one sentence."""
+    name = "schedule_test_own_data"
+    DatasetCatalog.register(name, lambda: [{}] * 250)
+    overrides = [
+        f"dataloader.train.dataset.names={name}",
+        "dataloader.train.total_batch_size=8",
+        "train.epochs=12",
+        "train.warmup_epochs=1",
+        "train.eval_epochs=2",
+        "train.checkpoint_epochs=4",
+    ]
+    try:
+        cfg = LazyConfig.load(str(ROOT / "configs/sam2/mask_rcnn_hiera_b_plus.py"))
+        recipe_lr = cfg.optimizer.lr
+        cfg = LazyConfig.apply_overrides(cfg, overrides)
+        with caplog.at_level("INFO", logger="hiera_det.engine.schedule"):
+            resolve_epoch_schedule(cfg, given=[o.split("=")[0] for o in overrides])
+    finally:
+        DatasetCatalog.remove(name)
+    assert cfg.train.max_iter == 12 * 31
+    assert cfg.optimizer.lr == pytest.approx(recipe_lr * 8 / 64)
+    assert (cfg.train.eval_period, cfg.train.checkpointer.period) == (62, 124)
+    assert cfg.lr_multiplier.warmup_length == pytest.approx(1 / 12)
+    scheduler = instantiate(cfg.lr_multiplier)
+    assert scheduler(0.5) == 1.0
+    assert scheduler(0.9) == pytest.approx(0.1) and scheduler(0.97) == pytest.approx(0.01)
+    (sentence,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Schedule")]
+    assert "250 training images at batch 8 (31 iterations per epoch) -> 372 iterations" in sentence
+    assert "evaluation every 62" in sentence and "x0.1 at iterations 331, 358" in sentence
+
+
+def test_detection_keys_given_in_iterations_stay():
+    """A detection config's own iterations give way to train.epochs; the same keys given on the
+    command line stay, and without train.epochs nothing changes (the COCO recipe)."""
+    cfg = LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_b.py"))
+    resolve_epoch_schedule(cfg, num_images=1000, given=[])
+    assert (cfg.train.max_iter, cfg.train.eval_period) == (184375, 5000)
+    cfg.train.epochs, cfg.train.max_iter, cfg.optimizer.lr = 3, 10, 1e-4
+    resolve_epoch_schedule(cfg, num_images=1000, given=["train.max_iter", "optimizer.lr"])
+    assert (cfg.train.max_iter, cfg.optimizer.lr, cfg.train.eval_period) == (10, 1e-4, 5000)

@@ -16,6 +16,7 @@ from conftest import copy_tiny_coco, load_script, shrink_overrides, write_tiny_c
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
+from hiera_det.data import validation
 from hiera_det.data.datasets import apply_dataset_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,13 +135,13 @@ def test_pre_training_check_parses_the_json_once(tmp_path, monkeypatch):
     text = json.dumps(content)
     Path(data.json_file).write_text(text)
     parses = []
-    loads = json.loads  # json.load calls json.loads too
+    parse = validation._parse  # the checks' one parse (simdjson, or json)
 
-    def counting_loads(s, *args, **kwargs):
-        parses.append((s.decode() if isinstance(s, bytes) else s) == text)
-        return loads(s, *args, **kwargs)
+    def counting_parse(json_file, data):
+        parses.append(data.decode() == text)
+        return parse(json_file, data)
 
-    monkeypatch.setattr(json, "loads", counting_loads)
+    monkeypatch.setattr(validation, "_parse", counting_parse)
     entry = f"[parse_once,{data.json_file},{data.image_root}]"
     cfg = LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_t.py"))
     cfg = LazyConfig.apply_overrides(cfg, [f"dataset.train={entry}", f"dataset.test={entry}"])
@@ -235,3 +236,23 @@ def test_image_broken_during_training_names_it_after_a_checkpoint(tiny_coco, tmp
     assert saved["iteration"] == 0
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
     assert all(np.isfinite(v.numpy()).all() for v in saved["model"].values())
+
+
+def test_epochs_schedule_keeps_the_best_model(tiny_coco, tmp_path):
+    """``train.epochs`` on the 4-image dataset at batch 2: 2 iterations per epoch, evaluation
+    every epoch; ``model_best.pth`` is the checkpoint of the evaluation with the best box AP (the
+    first of equals), the one after the last iteration included."""
+    out = tmp_path / "out"
+    args = arguments(tiny_coco, out, "dataloader.train.total_batch_size=2", "train.epochs=3")
+    args = [a for a in args if not a.startswith(("train.eval_period=", "train.max_iter="))]
+    args += ["train.eval_epochs=1", "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+    train_net.main(default_argument_parser().parse_args(args))
+    log = (out / "log.txt").read_text()
+    assert "4 training images at batch 2 (2 iterations per epoch) -> 6 iterations" in log
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    evaluations = [(r["iteration"], r["bbox/AP"]) for r in rows if "bbox/AP" in r]
+    # after each epoch; the one after training is logged at max_iter (Detectron2 counts it so)
+    assert [it for it, _ in evaluations] == [1, 3, 6]
+    best = max(evaluations, key=lambda e: (e[1], -e[0]))  # the first of the best
+    assert torch.load(out / "model_best.pth", weights_only=True)["iteration"] == best[0]
+    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 5

@@ -12,6 +12,9 @@ from .train import train
 
 train.max_iter = iterations_for(epochs=100, batch_size=64)  # 184375
 lr_multiplier = step_lr_multiplier(train.max_iter)
+# optimizer.lr is the recipe's at batch 64: with train.epochs=N (a dataset of one's own,
+# docs/own_data.md) it is scaled linearly to dataloader.train.total_batch_size.
+train.base_batch_size = 64
 # The MAE pretraining of the backbone's size (the paper fine-tunes MAE weights, not the IN-1K
 # classifier): an interpolation, so that overriding the size changes the weights too.
 train.init_checkpoint = (

@@ -9,6 +9,17 @@ train = dict(
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=True),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,  # 0 or no dataloader.evaluator: no evaluation while training
+    # A schedule in epochs of the registered training images (hiera_det.engine.schedule.
+    # resolve_epoch_schedule): train.epochs=N replaces max_iter; the others are optional.
+    epochs=None,
+    warmup_epochs=None,  # None: the lr_multiplier's warm-up fraction
+    base_lr=None,  # the lr at base_batch_size (None: optimizer.lr is)
+    base_batch_size=None,  # the batch optimizer.lr is meant for: scaled linearly to the real one
+    eval_epochs=None,  # -> eval_period; None: eval_period as above
+    checkpoint_epochs=None,  # -> checkpointer.period; None: that period
+    # model_best.pth: the checkpoint of the best evaluation so far (Detectron2's BestCheckpointer)
+    # by this metric of the evaluation results; metric=None: none kept.
+    best_checkpoint=dict(metric="bbox/AP", mode="max"),
     log_period=20,
     device="cuda",  # train_net.py falls back to "cpu" when CUDA is unavailable
     seed=-1,  # < 0: a random seed (Detectron2's default_setup)
