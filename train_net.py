@@ -52,6 +52,7 @@ from hiera_det.config_check import load_config
 from hiera_det.data.datasets import (
     apply_dataset_config,
     check_dataset_files,
+    check_mask_format,
     check_test_datasets,
     dataset_checks_dir,
 )
@@ -199,12 +200,14 @@ def check_datasets(cfg, eval_only: bool) -> None:
             if "names" in dataset:
                 check_dataset_files(dataset.names)
                 # Stops on inconsistent annotations, reports skips; in the main process only.
-                once_per_job(
+                reports = once_per_job(
                     validate_datasets,
                     dataset.names,
                     used_for="training" if key == "train" else "evaluation",
                     cache_dir=dataset_checks_dir(cfg),
                 )
+                if key == "train":
+                    check_mask_format(cfg, reports)  # RLE masks need the bitmask format
         if has_evaluation(cfg):
             check_test_datasets(cfg)  # every test image reads, or dataset.skip_unreadable_...
     except DatasetError as e:

@@ -289,3 +289,33 @@ def test_check_test_images_names_each_file(broken_test_split, tiny_coco):
     assert len(dicts) == 2 and not {d["file_name"] for d in dicts} & set(broken_test_split.bad)
     assert MetadataCatalog.get(name).json_file == broken_test_split.json_file
     assert MetadataCatalog.get(name).evaluated_image_ids == sorted(d["image_id"] for d in dicts)
+
+
+def test_rle_masks_need_the_bitmask_format(coco):
+    """A training json whose masks are RLEs (not crowd) stops before training with the option
+    to set, unless the mapper already reads bitmasks; RLE crowd regions are fine either way."""
+    from conftest import ROOT
+    from detectron2.config import LazyConfig
+
+    from hiera_det.data.datasets import check_mask_format
+
+    json_file, root, content = coco
+    image = {img["id"]: img for img in content["images"]}[content["annotations"][0]["image_id"]]
+    rle = {
+        "size": [image["height"], image["width"]],
+        "counts": [10, 5, image["height"] * image["width"] - 15],
+    }
+    content["annotations"][0].update(segmentation=rle, iscrowd=1)
+    write_json(json_file, content)
+    cfg = LazyConfig.load(str(ROOT / "configs/mask_rcnn_hiera_t.py"))
+    report = validate_coco_json(str(json_file), str(root))
+    assert report.rle_masks == [] and report.skipped_annotations == {}
+    check_mask_format(cfg, [report])
+    content["annotations"][0]["iscrowd"] = 0
+    write_json(json_file, content)
+    report = validate_coco_json(str(json_file), str(root))
+    assert report.rle_masks == [content["annotations"][0]["id"]]
+    with pytest.raises(DatasetError, match="1 annotations .* RLE.*instance_mask_format=bitmask"):
+        check_mask_format(cfg, [report])
+    cfg.dataloader.train.mapper.instance_mask_format = "bitmask"
+    check_mask_format(cfg, [report])

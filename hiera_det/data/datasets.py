@@ -39,6 +39,7 @@ from .validation import (
 __all__ = [
     "apply_dataset_config",
     "check_dataset_files",
+    "check_mask_format",
     "check_test_datasets",
     "dataset_checks_dir",
     "register_coco_format",
@@ -198,6 +199,25 @@ def register_readable_subset(found: UnreadableImages) -> str:
         evaluated_image_ids=sorted(i for i in found.image_ids if i not in bad_ids),
     )
     return name
+
+
+def check_mask_format(cfg, reports: Iterable) -> None:
+    """Raise `DatasetError` when a training json (its `ValidationReport`) has masks as RLEs
+    (not crowd) and the training mapper reads masks as polygons, Detectron2's default: its
+    loader workers would stop at the first such annotation."""
+    mapper = cfg.dataloader.train.get("mapper", None) or {}
+    if not mapper.get("use_instance_mask", False):
+        return
+    if mapper.get("instance_mask_format", "polygon") != "polygon":
+        return
+    for report in reports:
+        if report.rle_masks:
+            raise DatasetError(
+                f"{report.json_file}: {len(report.rle_masks)} annotations (e.g. id "
+                f"{report.rle_masks[0]}) give their mask as an RLE, which the training mapper's "
+                "instance_mask_format='polygon' cannot hold; train with "
+                "dataloader.train.mapper.instance_mask_format=bitmask"
+            )
 
 
 def _evaluator_takes_image_ids(cfg) -> bool:

@@ -60,6 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _EXAMPLES = 5  # examples named per kind of problem in a report
+_RLE_MASKS = "RLE mask"  # not a problem: non-crowd annotations whose mask is an RLE
 _CACHED_FILES = 4  # checked contents kept (a run reads a train and a test file)
 CHECK_VERSION = 1  # part of a kept verdict's name: raise it when the checks change
 _LISTED_IMAGES = 20  # unreadable test images named in the message that stops the run
@@ -136,6 +137,8 @@ class ValidationReport:
     ``skipped_annotations``: problem -> annotation ids that training will skip;
     ``missing_images``: image file names not found (training skips those images);
     ``num_categories``: the length of the file's ``categories``;
+    ``rle_masks``: ids of the annotations (not crowd) whose mask is an RLE, not polygons (they
+    need ``instance_mask_format="bitmask"`` in the training mapper);
     ``used_for``: "training" or "evaluation" (a test split: its annotations are the ground truth
     as the json gives them, and its images are checked by `check_test_images`).
     """
@@ -146,6 +149,7 @@ class ValidationReport:
     skipped_annotations: dict[str, list] = field(default_factory=dict)
     missing_images: list[str] = field(default_factory=list)
     num_categories: int = 0
+    rle_masks: list = field(default_factory=list)
     used_for: str = "training"
 
     @property
@@ -209,6 +213,7 @@ class _CheckedContent:
     num_annotations: int
     num_categories: int
     skipped_annotations: dict[str, tuple]
+    rle_masks: tuple  # ids of the annotations (not crowd) whose mask is an RLE
     file_names: tuple[str, ...]
     image_ids: tuple[int, ...]
     image_sizes: tuple[tuple[int, int], ...]  # (width, height), as the json gives them
@@ -334,6 +339,7 @@ def _check_each_annotation(
     images and categories of all of them are known to be right."""
     skipped: dict[str, list] = {}
     seen_ids = set()
+    rle_masks = skipped.setdefault(_RLE_MASKS, [])
     for i in indices:
         ann = _python(annotations[i])
         if not isinstance(ann, dict):
@@ -346,6 +352,8 @@ def _check_each_annotation(
             raise _fail(json_file, f"annotation id {ann_id}: bbox {problem[1]}")
         if problem is not None:
             skipped.setdefault(problem[0], []).append(ann_id)
+        elif isinstance(ann.get("segmentation"), dict) and not ann.get("iscrowd"):
+            rle_masks.append(ann_id)
     return skipped
 
 
@@ -517,11 +525,13 @@ def _check_content(json_file: str, content) -> _CheckedContent:
     known = _check_categories(json_file, categories)
     sizes = _check_images(json_file, images)
     skipped = _check_annotations(json_file, annotations, sizes, known)
+    rle_masks = skipped.pop(_RLE_MASKS)
     return _CheckedContent(
         num_images=len(images),
         num_annotations=len(annotations),
         num_categories=len(categories),
         skipped_annotations={k: tuple(v) for k, v in skipped.items()},
+        rle_masks=tuple(rle_masks),
         file_names=tuple(img["file_name"] for img in images),
         image_ids=tuple(img["id"] for img in images),
         image_sizes=tuple((img["width"], img["height"]) for img in images),
@@ -542,6 +552,7 @@ def _read_kept(json_file: str, path: str) -> _CheckedContent | None:
             verdict = _CheckedContent(
                 **{k: kept[k] for k in ("num_images", "num_annotations", "num_categories")},
                 skipped_annotations={k: tuple(v) for k, v in kept["skipped_annotations"].items()},
+                rle_masks=tuple(kept["rle_masks"]),
                 file_names=tuple(kept["file_names"]),
                 image_ids=tuple(kept["image_ids"]),
                 image_sizes=tuple(tuple(wh) for wh in kept["image_sizes"]),
@@ -631,6 +642,7 @@ def validate_coco_json(
         checked.num_annotations,
         {problem: list(ids) for problem, ids in checked.skipped_annotations.items()},
         num_categories=checked.num_categories,
+        rle_masks=list(checked.rle_masks),
     )
     names = checked.file_names
     if check_files and image_root is not None and names:
