@@ -42,7 +42,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from hiera_det.checkpoint import HieraCheckpointer
+from hiera_det.checkpoint import HieraCheckpointer, SideCheckpointer
 from hiera_det.checkpoint_download import (
     CheckpointUnavailableError,
     CorruptCheckpointError,
@@ -60,6 +60,7 @@ from hiera_det.data.validation import DatasetError, validate_datasets
 from hiera_det.engine.evaluation import evaluate
 from hiera_det.engine.hooks import (
     STOPPED_EXIT_CODE,
+    BestCheckpointer,
     CheckpointBeforeEvaluation,
     DeterministicSteps,
     FiniteParametersCheck,
@@ -124,7 +125,7 @@ def do_train(args, cfg) -> None:
             if has_evaluation(cfg)
             else None,
             # model_best.pth after each evaluation that beats the ones before (the last included).
-            best_checkpointer(cfg, checkpointer) if main else None,
+            best_checkpointer(cfg, model, trainer) if main else None,
             # Console (loss, lr, time, ETA), metrics.json and TensorBoard.
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -153,14 +154,21 @@ def do_train(args, cfg) -> None:
             close()
 
 
-def best_checkpointer(cfg, checkpointer) -> hooks.BestCheckpointer | None:
+def best_checkpointer(cfg, model, trainer) -> BestCheckpointer | None:
     """Detectron2's `BestCheckpointer` on ``train.best_checkpoint.metric`` (e.g. ``bbox/AP``, a
-    key of the flattened evaluation results); None without evaluation or metric."""
+    key of the flattened evaluation results), saving without moving ``last_checkpoint`` and, on
+    a resumed run, starting from the best value logged before; None without evaluation or
+    metric."""
     best = cfg.train.get("best_checkpoint", None) or {}
     if not has_evaluation(cfg) or not best.get("metric"):
         return None
-    return hooks.BestCheckpointer(
-        cfg.train.eval_period, checkpointer, best.metric, mode=best.get("mode", "max")
+    checkpointer = SideCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    return BestCheckpointer(
+        cfg.train.eval_period,
+        checkpointer,
+        best.metric,
+        mode=best.get("mode", "max"),
+        metrics_file=os.path.join(cfg.train.output_dir, "metrics.json"),
     )
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointMismatchError",
     "HieraCheckpointer",
     "LoadReport",
+    "SideCheckpointer",
     "TRUST_ENV",
     "UnsafeCheckpointError",
     "convert_hiera_checkpoint",
@@ -493,3 +494,13 @@ class HieraCheckpointer(DetectionCheckpointer):
         self.logger.info(message)
         # Only the model: iteration/optimizer of a pretraining run must not leak into this one.
         return {"model": adapted}
+
+
+class SideCheckpointer(HieraCheckpointer):
+    """`HieraCheckpointer` for files written beside a run's checkpoints (``model_best.pth`` of
+    Detectron2's `BestCheckpointer`): saving one does not move ``last_checkpoint``, so that
+    ``--resume`` goes on from the latest checkpoint of the run, not from the best one (which,
+    written after the last evaluation, counts one iteration past the last step)."""
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        pass

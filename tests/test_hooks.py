@@ -4,6 +4,7 @@ guards that stop a run before a checkpoint would store non-finite weights."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 from types import SimpleNamespace
@@ -229,3 +230,36 @@ def test_signals_are_blocked_in_the_block_only():
     outside = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert set(signals.WORKER_BLOCKED_SIGNALS) <= inside
     assert not set(signals.WORKER_BLOCKED_SIGNALS) & outside
+
+
+def test_best_checkpointer_of_a_resumed_run_starts_from_the_best_logged(tmp_path):
+    """The best value logged up to the iteration resumed from (lines cut by a kill skipped, later
+    iterations ignored) is the one to beat; `model_best.pth` is written beside the run's files
+    without moving last_checkpoint."""
+    from hiera_det.checkpoint import SideCheckpointer
+    from hiera_det.engine.hooks import BestCheckpointer
+
+    rows = [{"iteration": 1, "bbox/AP": 3.0}, {"iteration": 2, "total_loss": 1.0},
+            {"iteration": 3, "bbox/AP": 5.0}, {"iteration": 5, "bbox/AP": 4.0},
+            {"iteration": 7, "bbox/AP": 9.0}]  # fmt: skip
+    lines = [json.dumps(r) for r in rows] + ['{"iteration": 8, "bbox/A']
+    (tmp_path / "metrics.json").write_text("\n".join(lines))
+    (tmp_path / "last_checkpoint").write_text("model_0000005.pth")
+    model = nn.Linear(2, 2)
+
+    def hook_at(iteration: int) -> BestCheckpointer:
+        hook = BestCheckpointer(
+            2, SideCheckpointer(model, str(tmp_path)), "bbox/AP",
+            metrics_file=str(tmp_path / "metrics.json"),
+        )  # fmt: skip
+        hook.trainer = SimpleNamespace(iter=iteration)
+        hook.before_train()
+        return hook
+
+    assert hook_at(6).best_metric is None  # no model_best.pth yet: nothing to protect
+    hook_at(6)._checkpointer.save("model_best")
+    assert (tmp_path / "model_best.pth").is_file()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000005.pth"
+    hook = hook_at(6)
+    assert (hook.best_metric, hook.best_iter) == (5.0, 3)
+    assert hook_at(0).best_metric is None  # a run from the start knows no best

@@ -256,3 +256,4 @@ def test_epochs_schedule_keeps_the_best_model(tiny_coco, tmp_path):
     best = max(evaluations, key=lambda e: (e[1], -e[0]))  # the first of the best
     assert torch.load(out / "model_best.pth", weights_only=True)["iteration"] == best[0]
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 5
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"  # --resume goes on from it

@@ -95,6 +95,7 @@ def test_torchrun_is_one_run_of_world_size_2_like_num_gpus_2(opts, torchrun_run,
         "model_0000003.pth",
         "model_0000005.pth",
         "model_final.pth",
+        "model_best.pth",  # after the evaluation at the end (train.best_checkpoint)
     ]
     assert "Saving checkpoint" not in log_rank1
 

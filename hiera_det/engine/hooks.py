@@ -6,7 +6,9 @@ ends the run with a checkpoint of the iteration reached, to be resumed)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from ..utils.signals import parse_signals
 
 __all__ = [
     "STOPPED_EXIT_CODE",
+    "BestCheckpointer",
     "CheckpointBeforeEvaluation",
     "DeterministicSteps",
     "FiniteParametersCheck",
@@ -253,3 +256,47 @@ def _any_process(flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+class BestCheckpointer(hooks.BestCheckpointer):
+    """Detectron2's `BestCheckpointer` (same arguments, plus `metrics_file`) that a resumed run
+    starts from the best value logged before it: the best `val_metric` in `metrics_file`
+    (Detectron2's ``metrics.json``) up to the iteration resumed from, if its checkpoint file
+    exists. Without it, the first evaluation after a restart would replace a better
+    ``model_best.pth``."""
+
+    def __init__(self, *args, metrics_file: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics_file = metrics_file
+
+    def before_train(self) -> None:
+        path = os.path.join(self._checkpointer.save_dir, f"{self._file_prefix}.pth")
+        if self.trainer.iter == 0 or not os.path.isfile(path):
+            return
+        for value, iteration in _logged(self._metrics_file, self._val_metric, self.trainer.iter):
+            if self.best_metric is None or self._compare(value, self.best_metric):
+                self._update_best(value, iteration)
+        if self.best_metric is not None:
+            logger.info(
+                f"{self._val_metric} best so far: {self.best_metric:0.5f} at iteration "
+                f"{self.best_iter} ({path})"
+            )
+
+
+def _logged(metrics_file: str, key: str, up_to: int) -> list[tuple[float, int]]:
+    """(value, iteration) of `key` in a ``metrics.json`` (a JSON object per line; lines a
+    killed run left cut are skipped), for iterations up to `up_to`."""
+    try:
+        with open(metrics_file) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and key in row and row.get("iteration", up_to + 1) <= up_to:
+            found.append((float(row[key]), row["iteration"]))
+    return found
