@@ -170,7 +170,7 @@ def test_profile_detector_charges_operators_to_the_parts_of_the_model():
     config = "configs/mask_rcnn_hiera_t.py"
     run = run_tool(
         "tools/profile_detector.py", "--config-file", config, "--size=128", "--warmup=0",
-        "--top=3", "--opts", *shrink_overrides(128),
+        "--top=6", "--opts", *shrink_overrides(128),
     )  # fmt: skip
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"{config}, fp32, 128 px, batch 1")
@@ -182,7 +182,9 @@ def test_profile_detector_charges_operators_to_the_parts_of_the_model():
     assert set(parts) <= set(rows), rows
     assert sum(float(cells[2].rstrip("%")) for cells in rows.values()) == pytest.approx(100, abs=1)
     trunk = lines.index("backbone trunk:")
-    assert any(line.startswith("| `aten::addmm` |") for line in lines[trunk : trunk + 8])
+    # among the trunk's heaviest operators (a single untimed-warm-up call: the order of the
+    # smaller ones moves between runs)
+    assert any(line.startswith("| `aten::addmm` |") for line in lines[trunk : trunk + 10])
 
 
 def test_benchmark_mae_counts_flops_and_compares_with_the_official_mae(tmp_path):
