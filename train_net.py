@@ -48,7 +48,7 @@ from hiera_det.checkpoint_download import (
     CorruptCheckpointError,
     fetch_checkpoint,
 )
-from hiera_det.config_check import load_config
+from hiera_det.config_check import load_config, override_keys
 from hiera_det.data.datasets import (
     apply_dataset_config,
     check_dataset_files,
@@ -257,7 +257,7 @@ def main(args) -> dict | None:
         return do_test(cfg, model)
     # train.epochs (MAE's recipe, or given for a dataset of one's own): train.max_iter, warm-up,
     # lr and periods from the image count; the keys given on the command line stay (else no-op).
-    resolve_epoch_schedule(cfg, given=[o.split("=", 1)[0].lstrip("+~") for o in args.opts])
+    resolve_epoch_schedule(cfg, given=override_keys(args.opts))
     do_train(args, cfg)
     return None
 

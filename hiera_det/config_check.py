@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from detectron2.config import LazyConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ConfigOverrideError", "check_overrides", "load_config"]
+__all__ = ["ConfigOverrideError", "check_overrides", "load_config", "override_keys"]
 
 _MISSING = object()
 
@@ -59,6 +59,12 @@ def load_config(
     cfg = LazyConfig.load(config_file)
     check_overrides(cfg, overrides, new_roots)
     return LazyConfig.apply_overrides(cfg, list(overrides))
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The config keys that `overrides` (``key=value``, ``+key=value``, ...) set, as Hydra's
+    parser reads them (raises `ConfigOverrideError` on a malformed one)."""
+    return [o.key_or_group for o in _parse(overrides)]
 
 
 def _parse(overrides: Sequence[str]) -> list:

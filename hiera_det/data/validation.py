@@ -60,7 +60,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _EXAMPLES = 5  # examples named per kind of problem in a report
-_RLE_MASKS = "RLE mask"  # not a problem: non-crowd annotations whose mask is an RLE
 _CACHED_FILES = 4  # checked contents kept (a run reads a train and a test file)
 CHECK_VERSION = 1  # part of a kept verdict's name: raise it when the checks change
 _LISTED_IMAGES = 20  # unreadable test images named in the message that stops the run
@@ -312,8 +311,9 @@ def _check_images(json_file: str, images: list) -> dict[int, tuple[int, int]]:
 
 def _check_annotations(
     json_file: str, annotations: list, sizes: dict[int, tuple[int, int]], known: set[int]
-) -> dict[str, list]:
-    """Problem -> ids of the annotations training skips, after checking every annotation.
+) -> tuple[dict[str, list], list]:
+    """(problem -> ids of the annotations training skips, ids of the annotations (not crowd)
+    whose mask is an RLE), after checking every annotation.
 
     `_screen_annotations` looks at all of them at once (numpy over columns of a simdjson
     document) and names the ones that might have a problem; only those go through
@@ -334,12 +334,11 @@ def _check_each_annotation(
     known: set[int],
     indices: Iterable[int],
     screened: bool = False,
-) -> dict[str, list]:
+) -> tuple[dict[str, list], list]:
     """`_check_annotations` for the annotations at `indices` (in order); `screened`: the ids,
     images and categories of all of them are known to be right."""
     skipped: dict[str, list] = {}
-    seen_ids = set()
-    rle_masks = skipped.setdefault(_RLE_MASKS, [])
+    rle_masks, seen_ids = [], set()
     for i in indices:
         ann = _python(annotations[i])
         if not isinstance(ann, dict):
@@ -354,7 +353,7 @@ def _check_each_annotation(
             skipped.setdefault(problem[0], []).append(ann_id)
         elif isinstance(ann.get("segmentation"), dict) and not ann.get("iscrowd"):
             rle_masks.append(ann_id)
-    return skipped
+    return skipped, rle_masks
 
 
 def _check_references(json_file, ann: dict, ann_id, seen_ids: set, sizes, known) -> None:
@@ -524,8 +523,7 @@ def _check_content(json_file: str, content) -> _CheckedContent:
     images, categories, annotations = _top_level(json_file, content)
     known = _check_categories(json_file, categories)
     sizes = _check_images(json_file, images)
-    skipped = _check_annotations(json_file, annotations, sizes, known)
-    rle_masks = skipped.pop(_RLE_MASKS)
+    skipped, rle_masks = _check_annotations(json_file, annotations, sizes, known)
     return _CheckedContent(
         num_images=len(images),
         num_annotations=len(annotations),
