@@ -151,8 +151,9 @@ def build_predictor(args) -> tuple[RobustPredictor | OnnxPredictor, Metadata]:
 def test_metadata(lazy) -> Metadata:
     """The config's test dataset's metadata with its class names and category ids: a dataset of
     one's own (``dataset.test=[name,json,images]``, as train_net.py saves it in config.yaml) is
-    registered, and read when Detectron2 has not read it yet (which sets them)."""
-    apply_dataset_config(lazy)
+    registered (not its training json: prediction needs none), and read when Detectron2 has not
+    read it yet (which sets them)."""
+    apply_dataset_config(lazy, splits=("test",))
     names = read_test_datasets(lazy)
     if not names:
         return Metadata()

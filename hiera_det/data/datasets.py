@@ -142,8 +142,9 @@ def _entry(cfg, key: str) -> tuple[str, str, str] | None:
     return entry[0], entry[1], entry[2]
 
 
-def apply_dataset_config(cfg) -> None:
-    """Register ``cfg.dataset.{train,test}`` (if given) and point the config at them.
+def apply_dataset_config(cfg, splits: Iterable[str] = ("train", "test")) -> None:
+    """Register ``cfg.dataset.{train,test}`` (if given; only those in `splits`) and point the
+    config at them.
 
     Sets ``dataloader.train.dataset.names``, ``dataloader.test.dataset.names``,
     ``dataloader.evaluator.dataset_name`` and ``model.roi_heads.num_classes`` (from the training
@@ -154,7 +155,7 @@ def apply_dataset_config(cfg) -> None:
     if unknown:
         raise KeyError(f"unknown key dataset.{unknown[0]}; the dataset keys are {_DATASET_KEYS}")
     num_classes = {}
-    for key in ("train", "test"):
+    for key in splits:
         entry = _entry(cfg, key)
         if entry is None:
             continue
