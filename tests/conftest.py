@@ -111,6 +111,19 @@ def tiny_coco(tmp_path_factory) -> SimpleNamespace:
     return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
+def assert_stages_match(ours, ref, x, atol: float = 1e-4) -> None:
+    """Our Hiera's four stage outputs (``res2``..``res5``) on `x` equal those of timm's `ref`
+    (`forward_intermediates`) within `atol`."""
+    with torch.no_grad():
+        expected = ref.forward_intermediates(x, intermediates_only=True)
+        got = ours(x)
+    assert list(got) == ["res2", "res3", "res4", "res5"]
+    for (name, y), y_ref in zip(got.items(), expected):
+        assert y.shape == y_ref.shape, name
+        err = (y - y_ref).abs().max().item()
+        assert err <= atol, f"{name}: max |ours - timm| = {err:.2e} > {atol:.0e}"
+
+
 def is_ln(norm) -> bool:
     """A config's `norm` / `conv_norm` is the paper's channels-first LayerNorm as the configs build
     it: ``L(channel_layer_norm)()`` (Detectron2's "LN", fused)."""

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import ROOT, assert_refused, load_script, shrink_overrides
+from conftest import ROOT, assert_refused, assert_stages_match, load_script, shrink_overrides
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser
 from torch import nn
@@ -366,17 +366,6 @@ def config_backbone(size: str, overrides: list[str]) -> Hiera:
     return instantiate(cfg.model.backbone.bottom_up).eval()
 
 
-def assert_stages_match_timm(ours: Hiera, ref, x: torch.Tensor, atol: float = 1e-4) -> None:
-    with torch.no_grad():
-        expected = ref.forward_intermediates(x, intermediates_only=True)
-        got = ours(x)
-    assert list(got) == ["res2", "res3", "res4", "res5"]
-    for (name, y), y_ref in zip(got.items(), expected):
-        assert y.shape == y_ref.shape, name
-        err = (y - y_ref).abs().max().item()
-        assert err <= atol, f"{name}: max |ours - timm| = {err:.2e} > {atol:.0e}"
-
-
 def load_sam2_pair(size: str, tmp_path, **arch) -> tuple[torch.nn.Module, Hiera]:
     """(timm sam2_hiera_<size>, the config's backbone loaded from a SAM 2 format file), with the
     architecture arguments `arch` (embed_dim, stages, global blocks) applied to both."""
@@ -401,7 +390,7 @@ def test_config_backbone_is_sam2_trunk_at_a_non_square_size(size, tmp_path):
     windows of 7 (L: 8) units are zero-padded in both directions."""
     ref, ours = load_sam2_pair(size, tmp_path, embed_dim=16)
     torch.manual_seed(1)
-    assert_stages_match_timm(ours, ref, torch.randn(1, 3, 480, 352))
+    assert_stages_match(ours, ref, torch.randn(1, 3, 480, 352))
 
 
 SHALLOW = dict(stages=(1, 1, 2, 1), global_blocks=(3,))
@@ -415,7 +404,7 @@ def test_config_backbone_is_sam2_trunk_at_1024(size, tmp_path):
     """1024x1024: 32x32 mask units, so windows of 7 units pad to 35 and windows of 8 tile."""
     ref, ours = load_sam2_pair(size, tmp_path, embed_dim=8, **AT_1024[size])
     torch.manual_seed(1)
-    assert_stages_match_timm(ours, ref, torch.randn(1, 3, 1024, 1024))
+    assert_stages_match(ours, ref, torch.randn(1, 3, 1024, 1024))
 
 
 def test_timm_sam2_state_dict_and_checkpointer(tmp_path):
@@ -426,7 +415,7 @@ def test_timm_sam2_state_dict_and_checkpointer(tmp_path):
     ours = config_backbone("tiny", ["embed_dim=16"])
     report = load_hiera_checkpoint(ours, ref.state_dict())
     assert report.missing == [] and report.dropped == ["head.norm.weight", "head.norm.bias"]
-    assert_stages_match_timm(ours, ref, torch.randn(1, 3, 288, 416))
+    assert_stages_match(ours, ref, torch.randn(1, 3, 288, 416))
 
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save(sam2_file_content(ref.state_dict()), path)
@@ -493,7 +482,7 @@ def test_timm_abswin_small_matches(img, arch):
     assert report.missing == [] and report.unexpected == [] and report.resized == []
     assert all(k.startswith("head.") for k in report.dropped)
     torch.manual_seed(1)
-    assert_stages_match_timm(ours, ref, torch.randn(1, 3, img, img))
+    assert_stages_match(ours, ref, torch.randn(1, 3, img, img))
 
 
 def test_abswin_override_of_the_small_config_loads_timm_weights():

@@ -23,7 +23,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, assert_stages_match
 from detectron2.modeling.backbone.utils import get_abs_pos
 from detectron2.structures import ImageList
 from timm.layers import resample_abs_pos_embed
@@ -304,17 +304,6 @@ def sam2_pair(arch: dict, global_blocks: tuple[int, ...]) -> tuple[HieraDet, Hie
     assert extra <= {"head.norm.weight", "head.norm.bias"}  # timm's classifier norm
     ours.load_state_dict({k: v for k, v in state.items() if k in ours.state_dict()}, strict=True)
     return ref, ours
-
-
-def assert_stages_match(ours: Hiera, ref: HieraDet, x: torch.Tensor, atol: float) -> None:
-    with torch.no_grad():
-        expected = ref.forward_intermediates(x, intermediates_only=True)
-        got = ours(x)
-    assert list(got) == ["res2", "res3", "res4", "res5"]
-    for (name, y), y_ref in zip(got.items(), expected):
-        assert y.shape == y_ref.shape, name
-        err = (y - y_ref).abs().max().item()
-        assert err <= atol, f"{name}: max |ours - timm HieraDet| = {err:.2e} > {atol:.0e}"
 
 
 @pytest.mark.parametrize("hw", [(416, 288), (288, 480)])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import shrink_overrides
+from train_net_runs import assert_same_ap_tables, assert_same_losses, read_losses
 
 pytestmark = pytest.mark.slow  # end to end: the full suite, not the fast tier
 
@@ -59,19 +60,6 @@ def _run(launcher: list[str], output: Path, opts: list[str], *extra: str, env=No
     return result.stdout + result.stderr
 
 
-def _losses(output: Path) -> dict[int, dict]:
-    """iteration -> raw losses of that step; a restarted group's rows replace the killed one's."""
-    rows = [json.loads(line) for line in (output / "losses.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r for r in rows}
-
-
-def _assert_same_losses(run: dict, reference: dict, iterations) -> None:
-    for it in iterations:
-        assert run[it].keys() == reference[it].keys(), it
-        for key, value in reference[it].items():
-            assert run[it][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (it, key)
-
-
 @pytest.fixture(scope="module")
 def torchrun_run(opts, tmp_path_factory) -> Path:
     """The output folder of an uninterrupted ``torchrun --nproc_per_node=2`` run."""
@@ -101,10 +89,10 @@ def test_torchrun_is_one_run_of_world_size_2_like_num_gpus_2(opts, torchrun_run,
 
     spawned = tmp_path / "spawned"
     _run([sys.executable], spawned, opts, "--num-gpus", "2", "--dist-url", "auto")
-    reference = _losses(spawned)
+    reference = read_losses(spawned)
     assert sorted(reference) == list(range(MAX_ITER))
     assert len({round(r["total_loss"], 6) for r in reference.values()}) == MAX_ITER
-    _assert_same_losses(_losses(torchrun_run), reference, range(MAX_ITER))
+    assert_same_losses(read_losses(torchrun_run), reference, 0, MAX_ITER - 1)
 
 
 def test_killed_worker_is_restarted_and_resumes_like_an_uninterrupted_run(
@@ -122,27 +110,16 @@ def test_killed_worker_is_restarted_and_resumes_like_an_uninterrupted_run(
     assert log.count("Starting training from iteration 0") == 1
     assert "Starting training from iteration 4" in log
     assert (tmp_path / "model_final.pth").is_file()
-    losses, reference = _losses(tmp_path), _losses(torchrun_run)
+    losses, reference = read_losses(tmp_path), read_losses(torchrun_run)
     assert sorted(losses) == list(range(MAX_ITER))
-    _assert_same_losses(losses, reference, range(4, MAX_ITER))
-
-
-def _copypaste(log: str) -> list[str]:
-    """Detectron2's `copypaste:` result lines (task names, metric names and values)."""
-    return [line.split("copypaste: ", 1)[1] for line in log.splitlines() if "copypaste: " in line]
+    assert_same_losses(losses, reference, 4, MAX_ITER - 1)
 
 
 def test_eval_only_under_torchrun_prints_the_tables_of_one_process(opts, torchrun_run, tmp_path):
     opts = opts + [f"train.init_checkpoint={torchrun_run / 'model_final.pth'}"]
     _run([sys.executable], tmp_path / "one", opts, "--eval-only")
     _run(TORCHRUN, tmp_path / "two", opts, "--eval-only")
-    one = _copypaste((tmp_path / "one" / "log.txt").read_text())
-    two_log = (tmp_path / "two" / "log.txt").read_text()
-    assert "World size: 2" in two_log
-    assert one == _copypaste(two_log)
-    assert [line for line in one if line.startswith("Task: ")] == ["Task: bbox", "Task: segm"]
-    values = [float(v) for line in one[2::3] for v in line.split(",") if v != "nan"]
-    assert values and any(v > 0 for v in values)  # a real comparison, not zeros against zeros
+    assert_same_ap_tables(tmp_path / "one", tmp_path / "two")
 
 
 def test_srun_task_of_one_trains_as_one_process(opts, tmp_path):
@@ -161,4 +138,4 @@ def test_srun_task_of_one_trains_as_one_process(opts, tmp_path):
     }
     _run([sys.executable], tmp_path, opts + ["train.max_iter=2"], env=env)
     assert "Rank of current process: 0. World size: 1" in (tmp_path / "log.txt").read_text()
-    assert sorted(_losses(tmp_path)) == [0, 1]
+    assert sorted(read_losses(tmp_path)) == [0, 1]

@@ -97,9 +97,27 @@ def assert_same_losses(resumed: dict, reference: dict, first: int, last: int) ->
             assert resumed[it][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (it, key)
 
 
+def copypaste(log: str) -> list[str]:
+    """Detectron2's `copypaste:` result lines (task names, metric names and values)."""
+    return [line.split("copypaste: ", 1)[1] for line in log.splitlines() if "copypaste: " in line]
+
+
+def assert_same_ap_tables(one: Path, two: Path) -> None:
+    """The AP tables that an ``--eval-only`` run of one process logged into `one` and one of two
+    processes into `two` are the same (and are real box and mask tables, not zeros)."""
+    tables = copypaste((one / "log.txt").read_text())
+    two_log = (two / "log.txt").read_text()
+    assert "World size: 2" in two_log
+    assert tables == copypaste(two_log)
+    assert [line for line in tables if line.startswith("Task: ")] == ["Task: bbox", "Task: segm"]
+    values = [float(v) for line in tables[2::3] for v in line.split(",") if v != "nan"]
+    assert values and any(v > 0 for v in values)  # a real comparison, not zeros against zeros
+
+
 def start(config, output, opts, *extra, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Start train_net.py in a session of its own (its process group holds it, the processes it
-    spawns and their data loader workers); stdout and stderr go to `output`/run.log."""
+    """Start train_net.py as the leader of a new process group (``start_new_session``: the group
+    holds it, the processes it spawns and their data loader workers); stdout and stderr go to
+    `output`/run.log."""
     output.mkdir(parents=True, exist_ok=True)
     log = open(output / "run.log", "a")  # noqa: SIM115 -- closed with the process (finish)
     return subprocess.Popen(
