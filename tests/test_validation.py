@@ -233,6 +233,16 @@ def test_kept_verdict_of_a_broken_file_stops_the_same_way(coco, tmp_path, caplog
     assert "duplicate annotation id 1" in str(again.value)
 
 
+def test_verdict_checked_in_this_process_is_kept_in_each_folder_asked(coco, tmp_path):
+    """A second run in the same process (another output folder) keeps the verdict there too."""
+    json_file, root, _ = coco
+    first, second = tmp_path / "run1" / "dataset_checks", tmp_path / "run2" / "dataset_checks"
+    validate_coco_json(str(json_file), str(root), cache_dir=str(first))
+    validate_coco_json(str(json_file), str(root), cache_dir=str(second))
+    assert [p.name for p in first.iterdir()] == [p.name for p in second.iterdir()]
+    assert len(list(second.iterdir())) == 1
+
+
 def test_unreadable_or_changed_kept_verdict_means_checking_again(coco, tmp_path, caplog):
     json_file, root, content = coco
     cache = tmp_path / "dataset_checks"

@@ -596,10 +596,12 @@ def _checked_content(json_file: str, cache_dir: str | None = None) -> _CheckedCo
     `cache_dir`) learnt from the same bytes."""
     data = _read_bytes(json_file)
     digest = hashlib.sha256(data).digest()
+    kept = None if cache_dir is None else _kept_path(cache_dir, digest)
     if digest in _checked:
         _checked.move_to_end(digest)
+        if kept is not None and not os.path.exists(kept):
+            _keep(kept, _checked[digest])  # checked in this process for another folder
         return _checked[digest]
-    kept = None if cache_dir is None else _kept_path(cache_dir, digest)
     checked = None if kept is None else _read_kept(json_file, kept)
     if checked is None:
         start, size_mb = time.perf_counter(), len(data) / 2**20
