@@ -44,6 +44,7 @@ __all__ = [
     "build_test_resize",
     "canonical_model_config",
     "export_onnx",
+    "match_detections",
     "preprocess_image",
     "tracing_adapter",
 ]
@@ -57,6 +58,35 @@ ONNX_OPSET = 17
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs")
 INPUT_NAME = "image"
 _META_PREFIX = "hiera_det."
+
+
+def match_detections(
+    a: Mapping[str, np.ndarray],
+    b: Mapping[str, np.ndarray],
+    box_tol: float = 1e-2,
+    score_tol: float = 1e-4,
+) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``: detection i of `a` and detection j of `b` are the same detection (same
+    class, scores within `score_tol`, every box coordinate within `box_tol`).
+
+    `a` and `b` hold "boxes" ``[N, 4]``, "scores" and "classes" (`OUTPUT_NAMES`). Two runtimes
+    order detections whose scores differ by less than their rounding either way, so the match is
+    by value, not position: greedy, `a`'s highest score first, each detection of `b` used once.
+    """
+    used = np.zeros(len(b["scores"]), dtype=bool)
+    pairs = []
+    for i in np.argsort(-np.asarray(a["scores"]), kind="stable"):
+        same = (
+            ~used
+            & (np.asarray(b["classes"]) == a["classes"][i])
+            & (np.abs(np.asarray(b["scores"]) - a["scores"][i]) <= score_tol)
+            & (np.abs(np.asarray(b["boxes"]) - a["boxes"][i]).max(axis=1, initial=0) <= box_tol)
+        )
+        if same.any():
+            j = int(np.argmax(same))
+            used[j] = True
+            pairs.append((int(i), j))
+    return pairs
 
 
 class OnnxModelError(ValueError):

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, load_script, shrink_overrides
 from detectron2.config import LazyConfig
 from detectron2.engine import DefaultPredictor, default_argument_parser
+from detectron2.structures import Boxes, Instances
 
 from hiera_det.export import OnnxModelError, OnnxPredictor, canonical_model_config
 from hiera_det.predictor import predictor_cfg
@@ -17,7 +18,7 @@ from hiera_det.predictor import predictor_cfg
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 CONFIG = str(ROOT / "configs/mask_rcnn_hiera_t.py")
-# Keep every detection: 8 steps leave the scores near the default threshold (0.05), where a
+# Keep every detection: 30 steps leave the scores near the default threshold (0.05), where a
 # 1e-8 difference could add or drop one. 50 proposals x 2 classes never exceed the 100 kept.
 THRESHOLD = "model.roi_heads.box_predictor.test_score_thresh=0.0"
 # Image sizes that exercise the resize (up and down), both orientations and a tiny image.
@@ -26,14 +27,17 @@ SHAPES = [(120, 90), (37, 300), (301, 20), (128, 128)]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_coco) -> Path:
-    """config.yaml and model_final.pth of a shrunk Mask R-CNN trained 4 steps by train_net.py."""
+    """config.yaml and model_final.pth of a shrunk Mask R-CNN trained 30 steps by train_net.py."""
     out = tmp_path_factory.mktemp("trained")
     data = f"{tiny_coco.json_file},{tiny_coco.image_root}"
     train_net = load_script("train_net.py", "train_net_for_export")
     argv = ["--config-file", CONFIG, *shrink_overrides(128)]
     argv += [f"dataset.train=[tiny_export,{data}]", f"dataset.test=[tiny_export,{data}]"]
-    argv += [f"train.output_dir={out}", "train.max_iter=8", "train.eval_period=0"]
-    # A from-scratch learning rate without the 250-step warm-up, so that 8 steps move the mask
+    argv += [f"train.output_dir={out}", "train.max_iter=30", "train.eval_period=0"]
+    # 30 steps, not fewer: the scores of a barely trained RPN lie so close that the two runtimes'
+    # rounding changes which proposals survive (in 1 of 40 seeds at 8 steps, 0 of 40 at 30).
+    argv += ["train.seed=0"]
+    # A from-scratch learning rate without the 250-step warm-up, so that the steps move the mask
     # probabilities off 0.5: at 0.5 +- 1e-7 (an untrained head) fp32-level differences between
     # the two runtimes flip single pixels of the pasted masks (IoU 0.988 on an 83-pixel mask).
     argv += ["optimizer.lr=1e-3", "lr_multiplier.warmup_factor=1.0"]
@@ -64,18 +68,15 @@ def images(tiny_coco) -> list[np.ndarray]:
     return shapes + noise
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = (a | b).sum().item()
-    return (a & b).sum().item() / union if union else 1.0  # both empty: the same mask
-
-
 def test_export_writes_a_checked_graph(exported):
     out, report = exported
     assert (out / "model.onnx").is_file() and (out / "config.yaml").is_file()
     assert (out / "export.json").is_file()
     check = report["check"]
     assert check["agree"], check
-    assert check["detections_pytorch"] == check["detections_onnx"] > 0
+    assert (
+        check["detections_pytorch"] == check["detections_onnx"] == check["detections_matched"] > 0
+    )
     assert report["opset"] == 17 and report["export_s"] > 0
 
 
@@ -86,23 +87,53 @@ def test_onnx_predictor_matches_default_predictor(trained, exported, tiny_coco):
     )
     onnx_predictor = OnnxPredictor(str(out / "config.yaml"), str(out / "model.onnx"), num_threads=1)
     assert not hasattr(onnx_predictor, "model")  # no Detectron2 model, only the ONNX session
+    compare_instances = load_script("tools/compare_onnx.py", "compare_onnx").compare_instances
     compared = 0
     for image in images(tiny_coco):
         expected = torch_predictor(image)["instances"]
         got = onnx_predictor(image)["instances"]
         assert got.image_size == expected.image_size == image.shape[:2]
-        assert len(got) == len(expected)
-        assert torch.equal(got.pred_classes, expected.pred_classes)
-        torch.testing.assert_close(
-            got.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=0.01
-        )
-        torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-4)
-        assert got.pred_masks.shape == expected.pred_masks.shape
+        assert got.pred_masks.shape[1:] == expected.pred_masks.shape[1:] == image.shape[:2]
         assert got.pred_masks.dtype == torch.bool
-        ious = [mask_iou(a, b) for a, b in zip(got.pred_masks, expected.pred_masks)]
-        assert min(ious, default=1.0) >= 0.99
-        compared += len(got)
+        result = compare_instances(expected, got)
+        assert result["agree"], result
+        compared += result["matched"]
     assert compared > 0  # the test compared detections, not only empty lists
+
+
+def test_compare_instances_matches_by_value_and_names_what_differs():
+    """Near-equal scores may come in either order; a moved box or a missing detection does not
+    agree; a thin mask may differ in a few border pixels."""
+    compare_instances = load_script("tools/compare_onnx.py", "compare_onnx").compare_instances
+    masks = torch.zeros(3, 40, 60, dtype=torch.bool)
+    masks[0, 5:30, 5:30], masks[1, 10:12, 10:50], masks[2, 20:35, 30:55] = True, True, True
+    boxes = torch.tensor([[5.0, 5, 30, 30], [10, 10, 50, 12], [30, 20, 55, 35]])
+    expected = _instances(boxes, [0.5, 0.0238186, 0.0238186 + 4e-9], [0, 1, 1], masks)
+    swapped, thin = [0, 2, 1], masks.clone()
+    thin[1, 12, 10:13] = True  # 3 more pixels on an 80-pixel mask: IoU 0.96
+    got = _instances(boxes[swapped], expected.scores[swapped], [0, 1, 1], thin[swapped])
+    result = compare_instances(expected, got)
+    assert result["agree"] and result["matched"] == 3, result
+    assert result["max_mask_pixels_differing"] == 3 and result["min_mask_iou"] < 0.99
+    moved = boxes.clone()
+    moved[2, 0] += 0.5
+    result = compare_instances(expected, _instances(moved, expected.scores, [0, 1, 1], masks))
+    assert not result["agree"] and result["matched"] == 2
+    result = compare_instances(expected, _instances(boxes[:2], [0.5, 0.0238], [0, 1], masks[:2]))
+    assert not result["agree"] and (result["pytorch"], result["onnx"]) == (3, 2)
+    blotted = masks.clone()
+    blotted[0, 30:32] = True  # 120 pixels more on a 625-pixel mask
+    result = compare_instances(expected, _instances(boxes, expected.scores, [0, 1, 1], blotted))
+    assert not result["agree"] and result["max_mask_pixels_differing"] == 120
+
+
+def _instances(boxes, scores, classes, masks) -> Instances:
+    instances = Instances(tuple(masks.shape[1:]))
+    instances.pred_boxes = Boxes(boxes)
+    instances.scores = torch.as_tensor(scores, dtype=torch.float32)
+    instances.pred_classes = torch.as_tensor(classes)
+    instances.pred_masks = masks
+    return instances
 
 
 def test_the_training_config_and_the_export_folder_config_are_the_same_model(trained, exported):

@@ -42,6 +42,7 @@ from hiera_det.export import (  # noqa: E402
     OnnxPredictor,
     build_test_resize,
     export_onnx,
+    match_detections,
     preprocess_image,
     tracing_adapter,
 )
@@ -96,21 +97,21 @@ def build_model(cfg) -> torch.nn.Module:
 
 
 def compare(torch_outputs: Sequence[torch.Tensor], onnx_outputs: dict[str, np.ndarray]) -> dict:
-    """Detection counts, whether the classes agree, and the largest |difference| per output."""
+    """Detection counts, how many are the same detection in both (`match_detections`: class, box
+    and score within `TOLERANCES`) and the largest |difference| per output over those pairs."""
     ours = dict(zip(OUTPUT_NAMES, (t.detach().numpy() for t in torch_outputs)))
+    pairs = match_detections(ours, onnx_outputs, TOLERANCES["boxes"], TOLERANCES["scores"])
     result = {
         "detections_pytorch": len(ours["scores"]),
         "detections_onnx": len(onnx_outputs["scores"]),
+        "detections_matched": len(pairs),
     }
-    if result["detections_pytorch"] != result["detections_onnx"]:
-        result["agree"] = False
-        return result
-    result["classes_equal"] = bool(np.array_equal(ours["classes"], onnx_outputs["classes"]))
+    mine, theirs = (np.asarray(p, dtype=np.int64) for p in zip(*pairs)) if pairs else ([], [])
     for name in TOLERANCES:
-        diff = np.abs(ours[name].astype(np.float64) - onnx_outputs[name])
+        diff = np.abs(ours[name][mine].astype(np.float64) - onnx_outputs[name][theirs])
         result[f"max_abs_diff_{name}"] = float(diff.max()) if diff.size else 0.0
-    result["agree"] = result["classes_equal"] and all(
-        result[f"max_abs_diff_{n}"] <= t for n, t in TOLERANCES.items()
+    result["agree"] = result["detections_pytorch"] == result["detections_onnx"] == len(pairs) and (
+        result["max_abs_diff_mask_probs"] <= TOLERANCES["mask_probs"]
     )
     return result
 
