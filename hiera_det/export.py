@@ -37,10 +37,12 @@ from hiera_det.config_check import load_config
 from hiera_det.predictor import read_test_resize
 
 __all__ = [
+    "BOX_TOLERANCE",
     "ONNX_OPSET",
     "OUTPUT_NAMES",
     "OnnxModelError",
     "OnnxPredictor",
+    "SCORE_TOLERANCE",
     "build_test_resize",
     "canonical_model_config",
     "export_onnx",
@@ -57,24 +59,27 @@ ONNX_OPSET = 17
 # Graph outputs, in this order (the fields of Detectron2's `Instances` before postprocessing).
 OUTPUT_NAMES = ("boxes", "scores", "classes", "mask_probs")
 INPUT_NAME = "image"
+# Two runs of the graph give the same detection when its boxes and scores are this close.
+BOX_TOLERANCE, SCORE_TOLERANCE = 1e-2, 1e-4
 _META_PREFIX = "hiera_det."
 
 
 def match_detections(
     a: Mapping[str, np.ndarray],
     b: Mapping[str, np.ndarray],
-    box_tol: float = 1e-2,
-    score_tol: float = 1e-4,
-) -> list[tuple[int, int]]:
-    """Pairs ``(i, j)``: detection i of `a` and detection j of `b` are the same detection (same
-    class, scores within `score_tol`, every box coordinate within `box_tol`).
+    box_tol: float = BOX_TOLERANCE,
+    score_tol: float = SCORE_TOLERANCE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The detections of `a` and `b` that are the same detection (same class, scores within
+    `score_tol`, every box coordinate within `box_tol`): their indices ``(in_a, in_b)``, pair by
+    pair (int64 arrays of equal length).
 
     `a` and `b` hold "boxes" ``[N, 4]``, "scores" and "classes" (`OUTPUT_NAMES`). Two runtimes
     order detections whose scores differ by less than their rounding either way, so the match is
     by value, not position: greedy, `a`'s highest score first, each detection of `b` used once.
     """
     used = np.zeros(len(b["scores"]), dtype=bool)
-    pairs = []
+    in_a, in_b = [], []
     for i in np.argsort(-np.asarray(a["scores"]), kind="stable"):
         same = (
             ~used
@@ -85,8 +90,9 @@ def match_detections(
         if same.any():
             j = int(np.argmax(same))
             used[j] = True
-            pairs.append((int(i), j))
-    return pairs
+            in_a.append(i)
+            in_b.append(j)
+    return np.asarray(in_a, dtype=np.int64), np.asarray(in_b, dtype=np.int64)
 
 
 class OnnxModelError(ValueError):

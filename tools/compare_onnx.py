@@ -35,7 +35,7 @@ MASK_IOU, MASK_PIXELS = 0.99, 4
 
 def compare_instances(expected, got) -> dict:
     """Agreement of two `Instances` (PyTorch's, ONNX Runtime's) of one image: the same detections
-    (`match_detections`: class, box within 0.01 px, score within 1e-4, in any order) and their
+    (`match_detections`: class, box and score within its tolerances, in any order) and their
     full-size masks within `MASK_IOU` / `MASK_PIXELS`."""
     from hiera_det.export import match_detections
 
@@ -43,9 +43,8 @@ def compare_instances(expected, got) -> dict:
         fields = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
         return dict(zip(("boxes", "scores", "classes"), (t.numpy() for t in fields)))
 
-    pairs = match_detections(arrays(expected), arrays(got))
-    result = {"pytorch": len(expected), "onnx": len(got), "matched": len(pairs)}
-    i, j = (torch.tensor(p, dtype=torch.long) for p in zip(*pairs)) if pairs else ([], [])
+    i, j = (torch.from_numpy(k) for k in match_detections(arrays(expected), arrays(got)))
+    result = {"pytorch": len(expected), "onnx": len(got), "matched": len(i)}
     a, b = expected.pred_masks[i].flatten(1), got.pred_masks[j].flatten(1)
     union = (a | b).sum(1).double()
     differing = (a ^ b).sum(1)
@@ -57,7 +56,7 @@ def compare_instances(expected, got) -> dict:
         max_mask_pixels_differing=int(differing.max()) if len(differing) else 0,
         masks_agree=bool(((ious >= MASK_IOU) | (differing <= MASK_PIXELS)).all()),
     )
-    result["agree"] = len(expected) == len(got) == len(pairs) and result["masks_agree"]
+    result["agree"] = len(expected) == len(got) == len(i) and result["masks_agree"]
     return result
 
 

@@ -37,8 +37,10 @@ if ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, ROOT)
 
 from hiera_det.export import (  # noqa: E402
+    BOX_TOLERANCE,
     ONNX_OPSET,
     OUTPUT_NAMES,
+    SCORE_TOLERANCE,
     OnnxPredictor,
     build_test_resize,
     export_onnx,
@@ -50,7 +52,7 @@ from hiera_det.export import (  # noqa: E402
 logger = logging.getLogger("export_model")
 
 # The check fails above these: the acceptance tolerances of the exported detector (docs/export.md).
-TOLERANCES = {"boxes": 1e-2, "scores": 1e-4, "mask_probs": 1e-3}
+TOLERANCES = {"boxes": BOX_TOLERANCE, "scores": SCORE_TOLERANCE, "mask_probs": 1e-3}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -100,17 +102,16 @@ def compare(torch_outputs: Sequence[torch.Tensor], onnx_outputs: dict[str, np.nd
     """Detection counts, how many are the same detection in both (`match_detections`: class, box
     and score within `TOLERANCES`) and the largest |difference| per output over those pairs."""
     ours = dict(zip(OUTPUT_NAMES, (t.detach().numpy() for t in torch_outputs)))
-    pairs = match_detections(ours, onnx_outputs, TOLERANCES["boxes"], TOLERANCES["scores"])
+    mine, theirs = match_detections(ours, onnx_outputs)
     result = {
         "detections_pytorch": len(ours["scores"]),
         "detections_onnx": len(onnx_outputs["scores"]),
-        "detections_matched": len(pairs),
+        "detections_matched": len(mine),
     }
-    mine, theirs = (np.asarray(p, dtype=np.int64) for p in zip(*pairs)) if pairs else ([], [])
     for name in TOLERANCES:
         diff = np.abs(ours[name][mine].astype(np.float64) - onnx_outputs[name][theirs])
         result[f"max_abs_diff_{name}"] = float(diff.max()) if diff.size else 0.0
-    result["agree"] = result["detections_pytorch"] == result["detections_onnx"] == len(pairs) and (
+    result["agree"] = result["detections_pytorch"] == result["detections_onnx"] == len(mine) and (
         result["max_abs_diff_mask_probs"] <= TOLERANCES["mask_probs"]
     )
     return result
